@@ -1,0 +1,229 @@
+"""params.yaml -> one frozen, validated config object per section.
+
+Params flow one way: a stage script calls ``load_config(path, "train")`` (or several sections) and passes plain
+values into library functions; library code never reads params.yaml. Any unknown key, wrong type or out-of-range
+value raises ``ConfigError`` with a one-line message naming the key; ``metaseg.cli.run_stage`` turns it into
+exit code 2 before any work starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, with a one-line message that names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class BaseConfig(_Section):
+    """Settings shared by every stage."""
+
+    seed: int = Field(0, ge=0)  # one seed; each stage derives its own streams from it
+    image_size: int = Field(128, ge=32, le=2048)  # square side in px of prepared images; multiple of 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when available, else CPU
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (DeepLab output stride), got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    """The network every stage builds (torchvision DeepLabv3)."""
+
+    backbone: Literal["mobilenet_v3_large", "resnet50", "resnet101"] = "mobilenet_v3_large"  # edge model by default
+    backbone_weights: str | None = None  # path to a local torchvision backbone state_dict; null = random init
+    aux_loss: bool = True  # keep DeepLab's auxiliary head during training (dropped at export)
+
+
+class PrepareConfig(_Section):
+    """Stage `prepare`: build the canonical multi-domain dataset."""
+
+    source: Literal["synthetic", "folder", "voc", "fss1000"] = "synthetic"
+    root: str | None = None  # input folder for folder / voc / fss1000 (relative to the repo root or absolute)
+    resize: Literal["stretch", "pad", "crop"] = "pad"  # how non-square images reach image_size (masks: nearest)
+    on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop with its name, or list it in skipped.json
+    domains: list[str] = Field(default_factory=list)  # real sources: import only these domains ([] = all)
+    max_images_per_domain: int | None = Field(None, ge=1)  # real sources: cap per domain (sorted by stem)
+    # synthetic source
+    synthetic_domains: int = Field(8, ge=2, le=12)  # number of procedural domains (names: metaseg.data.synthetic.DOMAIN_NAMES)
+    images_per_domain: int = Field(100, ge=4)  # procedural images per domain
+    # voc source
+    voc_grouping: Literal["per_class", "single"] = "per_class"  # each VOC class its own domain, or one domain
+    voc_image_set: str = "trainval"  # ImageSets/Segmentation/<name>.txt
+
+
+class SplitsConfig(_Section):
+    """Stage `splits`: domain roles, support/test pools, stored evaluation episodes, deployment support sets."""
+
+    meta_train: list[str] = Field(default_factory=list)  # [] = every prepared domain not in meta_val / meta_test
+    meta_val: list[str] = Field(default_factory=lambda: ["desert"])
+    meta_test: list[str] = Field(default_factory=lambda: ["xray", "neon"])
+    ways: int = Field(1, ge=1)  # classes per evaluation episode (N-way)
+    shots: list[int] = Field(default_factory=lambda: [1, 5])  # K values with stored episodes
+    queries: int = Field(2, ge=1)  # query images per episode
+    episodes: int = Field(50, ge=1)  # stored episodes per domain and K (600 = the CD-FSS protocol)
+    support_pool: float = Field(0.4, gt=0, lt=1)  # fraction of a held-out domain's images in its support pool
+    deploy_shots: int = Field(5, ge=1)  # K images per class in a meta-test domain's deployment support set
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_shots(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"must be a non-empty list of integers >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _disjoint_roles(self) -> SplitsConfig:
+        roles = {"meta_train": self.meta_train, "meta_val": self.meta_val, "meta_test": self.meta_test}
+        seen: dict[str, str] = {}
+        for role, names in roles.items():
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"domain '{name}' is listed in both {seen[name]} and {role}; a domain has one role")
+                seen[name] = role
+        if not self.meta_test:
+            raise ValueError("meta_test must name at least one domain")
+        return self
+
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer")
+
+
+class TrainConfig(_Section):
+    """Stage `train`: meta-training (one dvc stage per algorithm) and the transfer baseline."""
+
+    algorithms: list[Literal["maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer"]] = Field(
+        default_factory=lambda: ["fomaml", "anil", "protonet", "transfer"]
+    )
+    iterations: int = Field(100, ge=1)  # outer steps
+    meta_batch: int = Field(2, ge=1)  # tasks per outer step
+    ways: int = Field(1, ge=1)  # classes per training task
+    shots: int = Field(2, ge=1)  # support images per class in a training task
+    queries: int = Field(2, ge=1)  # query images per training task
+    inner_steps: int = Field(2, ge=0)  # inner-loop gradient steps
+    inner_lr: float = Field(0.05, gt=0)  # inner-loop SGD learning rate (Meta-SGD: initial value of its rates)
+    outer_lr: float = Field(1e-3, gt=0)  # outer optimiser learning rate
+    outer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    reptile_epsilon: float = Field(0.5, gt=0, le=1)  # Reptile interpolation step towards the adapted weights
+    dice_weight: float = Field(0.0, ge=0)  # optional Dice term added to cross-entropy
+    aux_weight: float = Field(0.4, ge=0)  # weight of DeepLab's aux-head loss
+    augment: bool = True  # albumentations, applied jointly to image and mask
+    val_every: int = Field(25, ge=1)  # meta-validation every M iterations (keeps the best checkpoint)
+    val_episodes: int = Field(10, ge=1)  # meta-val episodes used per validation
+    checkpoint_every: int = Field(25, ge=1)  # atomic checkpoint every N iterations (resume after interruption)
+    amp: Literal["bf16", "fp16", "off"] = "bf16"  # CUDA only
+    channels_last: bool = True  # CUDA only
+
+
+class AdaptConfig(_Section):
+    """Stage `adapt`: a few gradient steps from a trained init on a held-out domain's deployment support set."""
+
+    steps: int = Field(10, ge=0)  # inner steps at adaptation (also the evaluate stage's budget)
+    lr: float | None = Field(None, gt=0)  # null = the inner lr the algorithm was meta-trained with
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    augment: bool = False  # albumentations on the support images during adaptation
+    batch_size: int | None = Field(None, ge=1)  # support images per step; null = the whole support set
+
+
+class EvaluateConfig(_Section):
+    """Stage `evaluate`: stored episodes, every init, with confidence intervals."""
+
+    inits: list[str] = Field(default_factory=lambda: ["scratch"])  # extra inits beside the trained algorithms
+    no_adapt: bool = True  # also report each init with 0 adaptation steps
+    ci: Literal["bootstrap", "t"] = "t"  # 95% CI of the per-episode mean
+    bootstrap_samples: int = Field(1000, ge=100)
+    overlay_images: int = Field(4, ge=0)  # query images per domain in the prediction-overlay PNG grid
+
+
+class ExportConfig(_Section):
+    """Stage `export`: ONNX files per adapted domain model."""
+
+    opset: int = Field(18, ge=17, le=23)
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    calibration_images: int = Field(16, ge=1)  # int8 static QDQ calibration, from the domain's own images
+    export_size: int = Field(128, ge=32)  # trace shape (H = W); the check runs at another shape
+
+
+class CheckConfig(_Section):
+    """Stage `check`: ONNX Runtime vs PyTorch on each domain's test pool."""
+
+    atol_cpu: float = Field(1e-4, gt=0)  # fp32 max |Δlogit| on the CPU EP
+    atol_cuda: float = Field(1e-3, gt=0)  # fp32 max |Δlogit| on the CUDA EP
+    min_agreement: float = Field(0.999, gt=0, le=1)  # fp32 argmax agreement
+    miou_drop: float = Field(1.0, ge=0)  # fp16 / int8: allowed mIoU drop in points vs PyTorch fp32
+    tensorrt: bool = False  # also try the TensorRT EP on CUDA
+    check_size: int = Field(96, ge=32)  # input side for the check (differs from export_size on purpose)
+    latency_runs: int = Field(30, ge=1)
+    warmup_runs: int = Field(5, ge=0)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "base": BaseConfig,
+    "model": ModelConfig,
+    "prepare": PrepareConfig,
+    "splits": SplitsConfig,
+    "train": TrainConfig,
+    "adapt": AdaptConfig,
+    "evaluate": EvaluateConfig,
+    "export": ExportConfig,
+    "check": CheckConfig,
+}
+
+
+def _format_error(section: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in (section, *e["loc"]))
+    if e["type"] == "extra_forbidden":
+        allowed = ", ".join(SECTIONS[section].model_fields)
+        return f"unknown key '{loc}' (allowed in '{section}': {allowed})"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"'{loc}': {msg} (got {e.get('input')!r})" if "input" in e and e["type"] != "value_error" else f"'{loc}': {msg}"
+
+
+def parse_section(section: str, raw: dict[str, Any] | None) -> _Section:
+    """Validate one section's mapping; raises ConfigError naming the key."""
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown params section '{section}' (known: {', '.join(SECTIONS)})")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{section}': expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        return SECTIONS[section].model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(section, err)) from None
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)})")
+    return raw
+
+
+def load_config(path: str | Path, *sections: str) -> dict[str, Any]:
+    """Validate the whole file (so a typo anywhere is caught) and return the requested sections by name."""
+    raw = read_params(path)
+    parsed = {name: parse_section(name, raw.get(name)) for name in SECTIONS}
+    return {name: parsed[name] for name in sections}

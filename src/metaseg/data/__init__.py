@@ -1,0 +1,1 @@
+"""Data: importers and the procedural generator (prepare), the prepared format, episodes and samplers (splits)."""

@@ -1,0 +1,1 @@
+"""Meta-learning: the one functional inner loop and the algorithms (update rules)."""

@@ -1,0 +1,1 @@
+"""Models: DeepLabv3 construction, head design, the deployable adapted-model format."""
