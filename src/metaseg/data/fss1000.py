@@ -1,0 +1,77 @@
+"""Import FSS-1000: one folder per class, each a one-class domain named after its folder.
+
+::
+
+    <root>/<class>/<n>.jpg
+    <root>/<class>/<n>.png    binary mask: foreground where the grey value (after converting to L) is > 127
+
+There is no ignore value and every mask value is meaningful (fg / bg), so no value can be undeclared.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from metaseg.cli import InputError
+from metaseg.data.importing import (DECODE_ERRORS, BadFile, DomainBuilder, Issues, check_same_size, describe, fit,
+                                    read_image, require_class_pixels, require_dir)
+from metaseg.data.prepared import DomainData
+
+
+def _read_binary_mask(path: Path, rel: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
+    except DECODE_ERRORS as err:
+        raise BadFile(rel, f"unreadable or truncated mask ({describe(err)})") from None
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
+
+
+def _import_class(root: Path, name: str, issues: Issues, size: int, resize: str, max_images: int | None,
+                  progress: bool) -> DomainData | None:
+    builder = DomainBuilder(name, [name])
+    for path in tqdm(_images(root / name), desc=name, unit="img", leave=False,
+                     disable=None if progress else True):
+        rel, mask_rel = f"{name}/{path.name}", f"{name}/{path.stem}.png"
+        try:
+            if not (root / mask_rel).is_file():
+                raise BadFile(rel, f"missing mask {mask_rel}")
+            image, data = read_image(path, rel)
+            mask = _read_binary_mask(root / mask_rel, mask_rel)
+            check_same_size(image, mask, rel)
+            require_class_pixels(mask, rel, "in its mask (no value > 127)")
+            image, mask = fit(image, mask, size, resize)
+            require_class_pixels(mask, rel, f"left after resizing to {size} px ({resize})")
+        except BadFile as err:
+            issues.report(err)
+            continue
+        builder.add(image, mask, path.stem, rel, data)
+        if max_images is not None and len(builder.images) >= max_images:
+            break
+    return builder.build(issues)
+
+
+def import_fss1000(root: Path, *, image_size: int, resize: str, on_error: str, domains: list[str],
+                   max_images: int | None = None, progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
+    """Every (or each listed) class folder under ``root`` as a one-class domain; returns domains and skipped files."""
+    require_dir(root)
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise InputError(f"prepare.root: no class folders in '{root}' (expected <root>/<class>/<n>.jpg + .png)")
+    missing = [d for d in domains if d not in found]
+    if missing:
+        raise InputError(f"prepare.domains: '{missing[0]}' is not a class folder in '{root}'")
+    issues = Issues(on_error, root)
+    out = []
+    for name in (sorted(set(domains)) if domains else found):
+        domain = _import_class(root, name, issues, image_size, resize, max_images, progress)
+        if domain is not None:
+            out.append(domain)
+    return out, issues.skipped

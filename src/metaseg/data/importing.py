@@ -1,0 +1,158 @@
+"""What the real-data importers (folder, voc, fss1000) share: decoding, resizing, and the bad-input policy.
+
+Bad input is reported through ``Issues.bad(file, reason)``: with ``on_error="fail"`` it raises ``InputError``
+(one line: file and reason), with ``"skip"`` it records the file in ``Issues.skipped`` and the importer moves on.
+Per-file checks raise ``BadFile`` inside the importer's loop, which hands it to ``Issues``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from metaseg.cli import InputError
+from metaseg.data.prepared import IGNORE, DomainData, Item, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class BadFile(Exception):
+    """One unusable input file (or domain folder); ``reason`` is a short phrase."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+@dataclass
+class Issues:
+    """The on_error policy. ``root`` prefixes file names in error messages (skipped.json keeps them relative)."""
+
+    on_error: str
+    root: Path
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def bad(self, file: str, reason: str) -> None:
+        if self.on_error == "fail":
+            raise InputError(f"{self.root}/{file}: {reason} (set prepare.on_error: skip to list it and go on)")
+        log.debug("skipping %s: %s", file, reason)
+        self.skipped.append({"file": file, "reason": reason})
+
+    def report(self, err: BadFile) -> None:
+        self.bad(err.file, err.reason)
+
+
+def describe(err: BaseException) -> str:
+    """``Type: first line of the message`` of a decoder error, for a one-line report."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def read_image(path: Path, rel: str) -> tuple[np.ndarray, bytes]:
+    """RGB uint8 [H, W, 3] and the file's bytes; alpha is dropped, 16-bit / float images are scaled to 0..255."""
+    try:
+        data = path.read_bytes()
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = arr * (255.0 / max(float(arr.max()), 1.0))
+                return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=2), data
+            return np.asarray(im.convert("RGB")), data
+    except DECODE_ERRORS as err:
+        raise BadFile(rel, f"unreadable or truncated image ({describe(err)})") from None
+
+
+def read_mask(path: Path, rel: str) -> np.ndarray:
+    """The stored index values of a mask PNG as [H, W] int64: palette indices for mode P (never the colours)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+                raise BadFile(rel, f"mask is a {im.mode} colour image; expected a single-channel index map (mode L or P)")
+            if im.mode in ("1", "LA", "PA"):
+                im = im.convert("L") if im.mode != "PA" else im.convert("P")
+            values = np.asarray(im).astype(np.int64)
+    except DECODE_ERRORS as err:
+        raise BadFile(rel, f"unreadable or truncated mask ({describe(err)})") from None
+    if values.ndim != 2 or (values.size and values.min() < 0):
+        raise BadFile(rel, "mask must be a single-channel map of non-negative index values")
+    return values
+
+
+def check_same_size(image: np.ndarray, mask: np.ndarray, rel: str) -> None:
+    if image.shape[:2] != mask.shape:
+        raise BadFile(rel, f"image is {image.shape[1]}x{image.shape[0]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
+
+
+def fit(image: np.ndarray, mask: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Resize image (bilinear, antialiased) and uint8 mask (nearest) to size x size: stretch | pad | crop."""
+    h, w = mask.shape
+    im, mk = Image.fromarray(image), Image.fromarray(mask.astype(np.uint8))
+    if mode == "stretch":
+        return (np.asarray(im.resize((size, size), Image.BILINEAR)),
+                np.asarray(mk.resize((size, size), Image.NEAREST)))
+    scale = size / (max(h, w) if mode == "pad" else min(h, w))
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    im_r = np.asarray(im.resize((nw, nh), Image.BILINEAR))
+    mk_r = np.asarray(mk.resize((nw, nh), Image.NEAREST))
+    if mode == "crop":
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return im_r[top:top + size, left:left + size].copy(), mk_r[top:top + size, left:left + size].copy()
+    if mode != "pad":
+        raise ValueError(f"unknown resize mode '{mode}' (stretch | pad | crop)")
+    out_im = np.zeros((size, size, 3), np.uint8)
+    out_mk = np.full((size, size), IGNORE, np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out_im[top:top + nh, left:left + nw] = im_r
+    out_mk[top:top + nh, left:left + nw] = mk_r
+    return out_im, out_mk
+
+
+def require_class_pixels(mask: np.ndarray, rel: str, where: str) -> None:
+    """``mask`` holds ids (0 bg, 1..C, 255 ignore); no class pixel at all makes the image useless for episodes."""
+    if not ((mask > 0) & (mask != IGNORE)).any():
+        raise BadFile(rel, f"no pixel of any class {where}")
+
+
+@dataclass
+class DomainBuilder:
+    """Collects one domain's fitted images; ``build`` stacks them (None when no image was usable)."""
+
+    name: str
+    class_names: list[str]
+    images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+
+    def add(self, image: np.ndarray, mask: np.ndarray, stem: str, source: str, data: bytes) -> None:
+        self.images.append(image)
+        self.masks.append(mask)
+        self.items.append(Item(stem=stem, source=source, sha256=sha256_bytes(data)))
+
+    def build(self, issues: Issues) -> DomainData | None:
+        if not self.images:
+            issues.bad(f"{self.name}/", "domain has no usable image")
+            return None
+        return DomainData(self.name, list(self.class_names), np.stack(self.images), np.stack(self.masks),
+                          list(self.items))
+
+
+def list_images(folder: Path) -> dict[str, list[Path]]:
+    """stem -> image files in ``folder`` (sorted; more than one file means an ambiguous stem)."""
+    found: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS:
+            found.setdefault(p.stem, []).append(p)
+    return dict(sorted(found.items()))
+
+
+def require_dir(path: Path, key: str = "prepare.root") -> None:
+    if not path.is_dir():
+        raise InputError(f"{key}: '{path}' is not an existing folder")
