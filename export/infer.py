@@ -1,0 +1,165 @@
+"""Standalone edge inference for a metaseg ONNX model: onnxruntime + numpy + Pillow only (no torch, no metaseg).
+
+    python export/infer.py MODEL INPUT --out DIR [--overlay] [--providers cpu|cuda]
+
+MODEL is a ``model.{fp32,fp16,int8}.onnx`` written by the export stage; everything the preprocessing needs (class
+names, mean/std, training resolution) is read from the model's ``metadata_props``. INPUT is an image file or a folder
+of images (not recursive). For each image ``<stem>`` the script writes ``DIR/<stem>.png``: a palette PNG whose pixel
+values are class indices (0 = background) with a fixed colour per class, the same size as the input image; with
+``--overlay`` also ``DIR/<stem>.overlay.png`` (image blended with the class colours).
+
+Resizing: the image is resized (bilinear) so that its short side equals the training resolution and both sides are
+multiples of 8 (DeepLab's output stride), keeping the aspect ratio. Objects then appear at the scale the model was
+adapted at, which gives better masks than feeding the raw size; the per-class logits are resized back to the original
+size (bilinear) before the argmax, which gives smoother boundaries than resizing the label map.
+Errors (missing model, no images, unreadable image) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+REQUIRED_METADATA = ("class_names", "mean", "std", "image_size")
+
+
+class InferError(Exception):
+    """A one-line, user-facing problem (exit code 2)."""
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """Fixed colour per class index (the PASCAL VOC colour map: 0 = black background), uint8 [num_classes, 3]."""
+    colours = np.zeros((max(num_classes, 1), 3), dtype=np.uint8)
+    for i in range(len(colours)):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours[i] = (r, g, b)
+    return colours
+
+
+def preprocess(rgb: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> float32 NCHW [1, 3, H, W]: scale to [0, 1], then (x - mean) / std per channel."""
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def model_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(h, w) with the short side at ``resolution`` and both sides rounded to multiples of 8, aspect kept."""
+    scale = resolution / min(height, width)
+    return (max(8, int(round(height * scale / 8)) * 8), max(8, int(round(width * scale / 8)) * 8))
+
+
+def read_metadata(session: ort.InferenceSession, model: Path) -> dict[str, object]:
+    props = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in REQUIRED_METADATA if k not in props]
+    if missing:
+        raise InferError(f"{model}: metadata_props lack {', '.join(missing)} "
+                         "(not a metaseg export; re-run the export stage)")
+    return {"class_names": json.loads(props["class_names"]), "mean": json.loads(props["mean"]),
+            "std": json.loads(props["std"]), "image_size": int(props["image_size"])}
+
+
+def open_session(model: Path, providers: str) -> ort.InferenceSession:
+    if not model.is_file():
+        raise InferError(f"{model}: model file not found")
+    names = ["CUDAExecutionProvider", "CPUExecutionProvider"] if providers == "cuda" else ["CPUExecutionProvider"]
+    if providers == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise InferError("--providers cuda: this onnxruntime build has no CUDAExecutionProvider (use --providers cpu)")
+    try:
+        return ort.InferenceSession(str(model), providers=names)
+    except Exception as err:  # onnxruntime raises several types for a bad file
+        raise InferError(f"{model}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
+
+
+def list_images(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InferError(f"{path}: no such image file or folder")
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InferError(f"{path}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise InferError(f"{path}: unreadable image ({err.__class__.__name__})") from None
+
+
+def predict(session: ort.InferenceSession, meta: dict[str, object], image: Image.Image) -> np.ndarray:
+    """Class index map uint8 [H, W] at the image's own size."""
+    width, height = image.size
+    h, w = model_size(height, width, int(meta["image_size"]))  # type: ignore[arg-type]
+    resized = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))
+    x = preprocess(resized, meta["mean"], meta["std"])  # type: ignore[arg-type]
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0][0]  # [C, h, w]
+    if (h, w) != (height, width):
+        logits = np.stack([np.asarray(Image.fromarray(c.astype(np.float32)).resize(
+            (width, height), Image.Resampling.BILINEAR)) for c in logits])
+    return logits.argmax(axis=0).astype(np.uint8)
+
+
+def save_mask(path: Path, mask: np.ndarray, colours: np.ndarray) -> None:
+    im = Image.fromarray(mask, mode="P")
+    im.putpalette(colours.reshape(-1).tolist())
+    im.save(path)
+
+
+def save_overlay(path: Path, image: Image.Image, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> None:
+    rgb = np.asarray(image).astype(np.float32)
+    blended = np.where((mask > 0)[..., None], (1 - alpha) * rgb + alpha * colours[mask], rgb)
+    Image.fromarray(blended.round().astype(np.uint8)).save(path)
+
+
+def run(model: Path, input_path: Path, out: Path, *, overlay: bool = False, providers: str = "cpu") -> list[Path]:
+    session = open_session(model, providers)
+    meta = read_metadata(session, model)
+    images = list_images(input_path)
+    colours = palette(len(meta["class_names"]))  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in images:
+        image = load_rgb(path)
+        mask = predict(session, meta, image)
+        save_mask(out / f"{path.stem}.png", mask, colours)
+        written.append(out / f"{path.stem}.png")
+        if overlay:
+            save_overlay(out / f"{path.stem}.overlay.png", image, mask, colours)
+    print(f"{len(images)} image(s) -> {out} (provider {session.get_providers()[0]}, "
+          f"classes: {', '.join(meta['class_names'])})")  # type: ignore[arg-type]
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Segment images with a metaseg ONNX model (writes palette PNG masks).")
+    parser.add_argument("model", type=Path, help="model.{fp32,fp16,int8}.onnx from the export stage")
+    parser.add_argument("input", type=Path, help="an image file or a folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for <stem>.png masks")
+    parser.add_argument("--overlay", action="store_true", help="also write <stem>.overlay.png (image + mask colours)")
+    parser.add_argument("--providers", choices=("cpu", "cuda"), default="cpu", help="execution provider (default cpu)")
+    args = parser.parse_args(argv)
+    try:
+        run(args.model, args.input, args.out, overlay=args.overlay, providers=args.providers)
+    except InferError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

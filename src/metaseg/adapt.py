@@ -1,0 +1,147 @@
+"""The `adapt` stage's library: adapt a trained init to a meta-test domain's deployment support set, ship it, score it.
+
+The deployment support set (``deploy.json``) covers every class of the domain, so the adapted model predicts all of
+them (labels = the domain's own class ids 1..C). Adaptation goes through the ONE inner loop
+(``metaseg.meta.fast_adapt.adapt``) with the `adapt` params; its randomness (support mini-batches, augmentation)
+comes from a generator seeded by (seed, domain) only, so every init of a domain sees the same draws and a rerun
+gives identical weights. The adapted model is written with ``save_adapted`` and then *reloaded from the file* to
+score the domain's test pool: the metrics describe the artefact that ships, not the in-memory model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metaseg.cli import InputError
+from metaseg.config import AdaptConfig, ConfigError
+from metaseg.data.augment import build_augment
+from metaseg.data.episodes import Episode
+from metaseg.data.prepared import Domain
+from metaseg.data.sampler import episode_batch, normalise
+from metaseg.evaluation import DomainScorer
+from metaseg.meta import fast_adapt
+from metaseg.models.adapted import MEAN, STD, load_adapted, save_adapted
+
+log = logging.getLogger(__name__)
+
+SCRATCH = "scratch"
+_DEPLOY_STREAM = 0xADA7
+_CHUNK = 16  # test images per forward
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """How an init adapts (params `adapt`); shared by the adapt and evaluate stages."""
+
+    steps: int
+    lr: float | None = None
+    optimizer: str = "sgd"
+    augment: bool = False
+    batch_size: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: AdaptConfig) -> AdaptSettings:
+        return cls(steps=cfg.steps, lr=cfg.lr, optimizer=cfg.optimizer, augment=cfg.augment,
+                   batch_size=cfg.batch_size)
+
+
+def support_augment(image_size: int, generator: torch.Generator) -> fast_adapt.Augment:
+    """Joint augmentation on normalised support tensors (albumentations underneath), seeded from ``generator``."""
+    aug = build_augment(image_size)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def apply(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        seeds = torch.randint(0, 2**31 - 1, (len(x),), generator=generator).tolist()
+        images = ((x.detach().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+        images = images.permute(0, 2, 3, 1).numpy()
+        labels = y.cpu().to(torch.uint8).numpy()  # episode labels are 0..ways and 255: uint8 holds them
+        pairs = [aug(images[j], labels[j], s) for j, s in enumerate(seeds)]
+        xa = normalise(np.stack([p[0] for p in pairs])).to(x.device)
+        ya = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(y.device)
+        return xa, ya
+
+    return apply
+
+
+def run_adapt(init: fast_adapt.TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: int, *,
+              settings: AdaptSettings, seed: int, image_size: int,
+              on_step: Callable[[int, fast_adapt.AdaptedModel], None] | None = None) -> fast_adapt.AdaptedModel:
+    """``fast_adapt.adapt`` with the `adapt` settings and a fresh CPU generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    augment = support_augment(image_size, generator) if settings.augment else None
+    return fast_adapt.adapt(init, support_x, support_y, num_classes, steps=settings.steps, lr=settings.lr,
+                            optimizer=settings.optimizer, augment=augment, batch_size=settings.batch_size,
+                            on_step=on_step, generator=generator)
+
+
+def resolve_init(spec: str, device: torch.device, *, backbone: str, image_size: int, inner_lr: float,
+                 seed: int) -> fast_adapt.TrainedInit:
+    """``scratch`` -> a seeded random init; anything else is the path of a trained init file."""
+    if spec == SCRATCH:
+        return fast_adapt.scratch_init(backbone, image_size, inner_lr=inner_lr, seed=seed)
+    return fast_adapt.load_init(spec, device)
+
+
+def deploy_seed(seed: int, domain: str) -> int:
+    ss = np.random.SeedSequence([seed, zlib.crc32(domain.encode("utf-8")), _DEPLOY_STREAM])
+    return int(ss.generate_state(1)[0])
+
+
+def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init: fast_adapt.TrainedInit, out: Path,
+                     *, settings: AdaptSettings, seed: int, device: torch.device) -> dict[str, float | int]:
+    """Adapt on the deployment set, write ``out`` (save_adapted), reload it and score the test pool (percent)."""
+    if not deploy.support:
+        raise InputError(f"domain '{domain.name}': deployment support set is empty (check deploy.json)")
+    if not test_pool:
+        raise InputError(f"domain '{domain.name}': test pool is empty (check splits.json)")
+    size = int(domain.images.shape[1])
+    if init.image_size != size:
+        log.warning("init was trained at %d px, domain '%s' is prepared at %d px", init.image_size, domain.name, size)
+    t0 = time.perf_counter()
+    batch = episode_batch(domain, deploy).to(device)
+    num_classes = len(deploy.class_ids)
+    adapted = run_adapt(init, batch.support_x, batch.support_y, num_classes, settings=settings,
+                        seed=deploy_seed(seed, domain.name), image_size=size)
+    adapt_s = time.perf_counter() - t0
+    if not np.isfinite(adapted.support_loss_after):
+        raise ConfigError(f"'adapt.lr': adapting {init.algorithm} to '{domain.name}' diverged (support loss "
+                          f"{adapted.support_loss_before:.3g} -> {adapted.support_loss_after}); lower adapt.lr "
+                          f"(now {settings.lr or init.inner_lr})")
+    class_names = ["background", *(domain.class_names[c - 1] for c in deploy.class_ids)]
+    save_adapted(out, adapted.state_dict(), backbone=init.backbone, class_names=class_names, image_size=size,
+                 domain=domain.name, algorithm=init.algorithm, shots=len(deploy.support), steps=settings.steps,
+                 class_ids=list(deploy.class_ids))
+    model, _ = load_adapted(out, map_location=str(device))
+    model.to(device)
+    scorer = DomainScorer(num_classes, device)
+    max_diff = 0.0
+    with torch.no_grad():
+        for start in range(0, len(test_pool), _CHUNK):
+            chunk = Episode(domain.name, deploy.class_ids, (), tuple(test_pool[start:start + _CHUNK]))
+            qb = episode_batch(domain, chunk).to(device)
+            logits = model(qb.query_x)["out"]
+            if start == 0:  # the shipped file must compute what the inner loop computed
+                max_diff = float((logits - adapted.predict_logits(qb.query_x)).abs().max())
+            scorer.add(list(range(1, num_classes + 1)), logits.argmax(1), qb.query_y)
+    scores = scorer.summary()
+    metrics: dict[str, float | int] = {
+        "support_loss_before": adapted.support_loss_before, "support_loss_after": adapted.support_loss_after,
+        "test_miou": 100 * scores.miou, "test_fbiou": 100 * scores.fbiou, "test_images": len(test_pool),
+        "support_images": len(deploy.support), "steps": settings.steps, "reload_max_abs_logit_diff": max_diff,
+        "adapt_seconds": adapt_s,
+    }
+    for c, iou in scores.class_iou.items():
+        metrics[f"test_iou.{class_names[c]}"] = 100 * iou
+    log.info("%s / %s: support loss %.3f -> %.3f, test mIoU %.1f, FB-IoU %.1f (%d images)", domain.name,
+             init.algorithm, metrics["support_loss_before"], metrics["support_loss_after"], metrics["test_miou"],
+             metrics["test_fbiou"], len(test_pool))
+    return {k: v if isinstance(v, int) else round(float(v), 6) for k, v in metrics.items() if np.isfinite(v)}

@@ -1,0 +1,188 @@
+"""The `evaluate` stage's library: every init x every stored episode, with the adaptation curve and 95% CIs.
+
+For each meta-test domain and K, each stored episode (``episodes.json``, never redrawn here) is assembled once and
+shared by every init. Each init adapts on the episode's support with the ONE inner loop
+(``metaseg.meta.fast_adapt.adapt``); its ``on_step`` hook predicts the query after 0, 1, ..., steps steps, so one
+run gives the whole "mIoU vs adaptation steps" curve (step 0 = the init without adaptation, reported as init
+``<init>_noadapt``). Randomness inside an adaptation (mini-batches, augmentation) comes from a generator seeded by
+(seed, domain, K, episode index) only, so an episode gets the same randomness for every init and every run.
+
+Scores are in percent (0-100): mIoU and FB-IoU accumulated over the episodes (``metaseg.evaluation``), and the
+per-episode mean with its 95% CI half-width.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from metaseg.adapt import SCRATCH, AdaptSettings, resolve_init, run_adapt
+from metaseg.cli import InputError
+from metaseg.config import ConfigError
+from metaseg.data.episodes import Episode
+from metaseg.data.prepared import PreparedDataset
+from metaseg.data.sampler import episode_batch
+from metaseg.evaluation import DomainScorer, Scores
+from metaseg.meta import fast_adapt
+
+log = logging.getLogger(__name__)
+
+NOADAPT = "_noadapt"
+_EVAL_STREAM = 0xE7A1
+
+
+@dataclass
+class Overlay:
+    """One query image kept for the overlay grid: image, episode labels, each init's final prediction."""
+
+    domain: str
+    shot: int
+    image: np.ndarray  # uint8 [H, W, 3]
+    target: np.ndarray  # uint8 [H, W], episode labels (0..ways, 255)
+    class_ids: tuple[int, ...]  # episode label i + 1 = domain class class_ids[i]
+    caption: str
+    preds: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """``curves[(domain, init, K)][s]`` = Scores after s steps; ``speed`` = throughput figures."""
+
+    curves: dict[tuple[str, str, int], list[Scores]]
+    overlays: dict[str, list[Overlay]]
+    speed: dict[str, float]
+    steps: int
+    diverged: dict[tuple[str, str, int], int] = field(default_factory=dict)  # episodes with non-finite logits
+
+    def final(self, domain: str, init: str, shot: int) -> Scores:
+        """The score an init reaches: after all steps, or at step 0 for ``<init>_noadapt``."""
+        if init.endswith(NOADAPT):
+            return self.curves[(domain, init.removesuffix(NOADAPT), shot)][0]
+        return self.curves[(domain, init, shot)][-1]
+
+
+def episode_seed(seed: int, domain: str, shot: int, index: int) -> int:
+    """The seed of one stored episode's adaptation randomness (independent of the init)."""
+    ss = np.random.SeedSequence([seed, zlib.crc32(domain.encode("utf-8")), shot, index, _EVAL_STREAM])
+    return int(ss.generate_state(1)[0])
+
+
+def evaluate_inits(dataset: PreparedDataset, episodes: dict[str, dict[int, list[Episode]]],
+                   inits: dict[str, fast_adapt.TrainedInit], *, domains: list[str], shots: list[int],
+                   settings: AdaptSettings, device: torch.device, seed: int, ci: str = "t",
+                   bootstrap_samples: int = 1000, overlay_images: int = 0, progress: bool = True) -> EvalResult:
+    """Run every init on every stored episode of ``domains`` x ``shots``; returns per-step scores for each."""
+    for d in domains:
+        if d not in episodes:
+            raise InputError(f"domain '{d}' has no stored episodes (episodes.json has: {', '.join(episodes)})")
+        for k in shots:
+            if k not in episodes[d]:
+                raise InputError(f"domain '{d}' has no stored {k}-shot episodes (has K = {sorted(episodes[d])})")
+    scorers: dict[tuple[str, str, int], list[DomainScorer]] = {}
+    diverged: dict[tuple[str, str, int], torch.Tensor] = {}
+    overlays: dict[str, list[Overlay]] = {d: [] for d in domains}
+    overlay_shot = min(shots)
+    init_time = {name: 0.0 for name in inits}
+    total = sum(len(episodes[d][k]) for d in domains for k in shots)
+    bar = tqdm(total=total, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for d in domains:
+        domain = dataset.domain(d)
+        for k in shots:
+            for name in inits:
+                scorers[(d, name, k)] = [DomainScorer(domain.num_classes, device) for _ in range(settings.steps + 1)]
+                diverged[(d, name, k)] = torch.zeros((), dtype=torch.int64, device=device)
+            for i, ep in enumerate(episodes[d][k]):
+                batch = episode_batch(domain, ep).to(device)
+                keep = bool(overlay_images > 0 and k == overlay_shot and len(overlays[d]) < overlay_images and ep.query)
+                if keep:
+                    names = "+".join(domain.class_names[c - 1] for c in ep.class_ids)
+                    overlays[d].append(Overlay(d, k, np.asarray(domain.images[ep.query[0]]),
+                                               batch.query_y[0].to("cpu", torch.uint8).numpy(), ep.class_ids,
+                                               f"episode {i}: {names}"))
+                for name, init in inits.items():
+                    t0 = time.perf_counter()
+                    curve = scorers[(d, name, k)]
+
+                    def on_step(step: int, model: fast_adapt.AdaptedModel, curve: list[DomainScorer] = curve,
+                                name: str = name) -> None:
+                        with torch.no_grad():
+                            logits = model.predict_logits(batch.query_x)
+                        pred = logits.argmax(1)
+                        curve[step].add(ep.class_ids, pred, batch.query_y)
+                        if step == settings.steps:  # non-finite logits: the adaptation blew up (lr too high)
+                            diverged[(d, name, k)] += (~torch.isfinite(logits)).any()
+                        if keep and step == settings.steps:
+                            overlays[d][-1].preds[name] = pred[0].to("cpu", torch.uint8).numpy()
+
+                    run_adapt(init, batch.support_x, batch.support_y, len(ep.class_ids), settings=settings,
+                              seed=episode_seed(seed, d, k, i), image_size=int(domain.images.shape[1]),
+                              on_step=on_step)
+                    init_time[name] += time.perf_counter() - t0
+                bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    curves = {key: [s.summary(ci=ci, bootstrap_samples=bootstrap_samples, seed=seed) for s in per_step]
+              for key, per_step in scorers.items()}
+    speed = {"episodes_per_s": total / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "episodes": float(total)}
+    for name, t in init_time.items():
+        speed[f"{name}.episodes_per_s"] = total / t if t > 0 else 0.0
+    log.info("evaluated %d episodes x %d inits in %.1f s (%.2f episodes/s)", total, len(inits), elapsed,
+             speed["episodes_per_s"])
+    failed = {key: int(v) for key, v in diverged.items()}
+    for (d, name, k), n in failed.items():
+        if n:
+            log.warning("%s / %s / %d-shot: %d of %d adapted models gave non-finite logits (adaptation diverged; "
+                        "lower adapt.lr or the init's inner lr)", d, name, k, n, len(episodes[d][k]))
+    return EvalResult(curves=curves, overlays=overlays, speed=speed, steps=settings.steps, diverged=failed)
+
+
+def init_names(result: EvalResult, *, no_adapt: bool) -> list[str]:
+    """Reported inits in a stable order: each init, then (with ``no_adapt``) each ``<init>_noadapt``."""
+    base = list(dict.fromkeys(init for (_, init, _) in result.curves))
+    return base + ([f"{n}{NOADAPT}" for n in base] if no_adapt else [])
+
+
+def metrics_dict(result: EvalResult, *, domains: list[str], shots: list[int], no_adapt: bool) -> dict[str, float]:
+    """Flat DVC metrics: ``<domain>.<init>.shot<K>.{miou,fbiou,episode_miou,ci95}`` and ``mean.<init>.shot<K>.*``."""
+    out: dict[str, float] = {}
+    for init in init_names(result, no_adapt=no_adapt):
+        for k in shots:
+            per_domain = []
+            for d in domains:
+                s = result.final(d, init, k)
+                per_domain.append(s)
+                key = f"{d}.{init}.shot{k}"
+                out[f"{key}.miou"] = round(100 * s.miou, 4)
+                out[f"{key}.fbiou"] = round(100 * s.fbiou, 4)
+                out[f"{key}.episode_miou"] = round(100 * s.episode.mean, 4)
+                if s.episode.n >= 2:
+                    out[f"{key}.ci95"] = round(100 * s.episode.half_width, 4)
+                if not init.endswith(NOADAPT):
+                    out[f"{key}.diverged"] = float(result.diverged.get((d, init, k), 0))
+            out[f"mean.{init}.shot{k}.miou"] = round(100 * float(np.mean([s.miou for s in per_domain])), 4)
+            out[f"mean.{init}.shot{k}.fbiou"] = round(100 * float(np.mean([s.fbiou for s in per_domain])), 4)
+    out.update({f"speed.{k}": round(v, 4) for k, v in result.speed.items()})
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+def load_inits(models: Path, algorithms: list[str], extra: list[str], device: torch.device, *, backbone: str,
+               image_size: int, inner_lr: float, seed: int) -> dict[str, fast_adapt.TrainedInit]:
+    """Each trained algorithm from ``models/<alg>.pt``, then the extra inits (only ``scratch`` is known)."""
+    inits: dict[str, fast_adapt.TrainedInit] = {}
+    for alg in algorithms:
+        inits[alg] = fast_adapt.load_init(models / f"{alg}.pt", device)
+    for name in extra:
+        if name != SCRATCH:
+            raise ConfigError(f"'evaluate.inits': unknown init '{name}' (known: {SCRATCH}; trained algorithms come "
+                              f"from train.algorithms)")
+        if name not in inits:
+            inits[name] = resolve_init(SCRATCH, device, backbone=backbone, image_size=image_size,
+                                       inner_lr=inner_lr, seed=seed)
+    return inits

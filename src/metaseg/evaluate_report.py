@@ -1,0 +1,227 @@
+"""The `evaluate` stage's human-facing outputs: DVC plot data, overlay PNG grids and report.md with the claim check.
+
+All numbers are percent. The winner of a row is the init with the highest mIoU (accumulated, the CD-FSS metric);
+"separate" / "overlap" compares the 95% CIs of the per-episode mean of the winner and the runner-up. The claim
+check compares the best meta-learning algorithm (highest mIoU averaged over domains at the claim's K) with
+`transfer`: the claim holds when it is ahead by >= 5 points and the two CIs (per-episode values pooled over the
+domains) do not overlap. Because every init runs on the same episodes, a paired CI of the difference is given too.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from metaseg.evaluate import NOADAPT, EvalResult, Overlay
+from metaseg.evaluation import Interval, mean_ci
+from metaseg.io import atomic_path, write_text
+
+log = logging.getLogger(__name__)
+
+CLAIM_POINTS = 5.0
+BASELINE = "transfer"
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _pct(v: float) -> float:
+    return round(100 * v, 4)
+
+
+def write_plot_data(result: EvalResult, plots: Path, *, domains: list[str], shots: list[int],
+                    inits: list[str]) -> None:
+    """Long-format CSVs for DVC plots (a ``series`` column names each line; see docs/plots/series_linear.json).
+
+    curve.csv: series, init, shot, step, miou (mean over domains after 0..steps steps); shots.csv: series, init,
+    shot, miou (after all steps, and ``<init>_noadapt``); domains.csv: domain, init, shot, miou, label.
+    """
+    curve_rows, shot_rows, domain_rows = [], [], []
+    for init in inits:
+        for k in shots:
+            for s in range(result.steps + 1):
+                v = np.mean([result.curves[(d, init, k)][s].miou for d in domains])
+                curve_rows.append([f"{init} {k}-shot", init, k, s, _pct(v)])
+    for init in inits + [f"{n}{NOADAPT}" for n in inits]:
+        shot_rows += [[init, init, k, _pct(np.mean([result.final(d, init, k).miou for d in domains]))] for k in shots]
+        domain_rows += [[d, init, k, _pct(result.final(d, init, k).miou), f"{d} / {init} / {k}-shot"]
+                        for d in domains for k in shots]
+    _write_csv(plots / "curve.csv", ["series", "init", "shot", "step", "miou"], curve_rows)
+    _write_csv(plots / "shots.csv", ["series", "init", "shot", "miou"], shot_rows)
+    _write_csv(plots / "domains.csv", ["domain", "init", "shot", "miou", "label"], domain_rows)
+
+
+_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                     [145, 30, 180], [70, 240, 240], [240, 50, 230]], dtype=np.float32)
+
+
+def colour_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Blend a colour per label (0 = background: untouched, 255 = ignore: grey) onto a uint8 RGB image."""
+    out = image.astype(np.float32).copy()
+    fg = (labels > 0) & (labels != 255)
+    colours = _COLOURS[1 + (labels.astype(np.int64) - 1) % (len(_COLOURS) - 1)]
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    out[labels == 255] = 0.5 * out[labels == 255] + 0.5 * 128
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def write_overlays(overlays: list[Overlay], path: Path, *, columns: dict[str, str]) -> None:
+    """Grid: rows = query images; columns image | ground truth | one prediction per ``columns`` (title -> init)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = ["image", "ground truth", *columns]
+    fig, axes = plt.subplots(len(overlays), len(titles), figsize=(2.2 * len(titles), 2.2 * len(overlays)),
+                             squeeze=False)
+    for r, ov in enumerate(overlays):
+        lut = np.zeros(256, dtype=np.uint8)  # episode labels -> domain class ids, so a class keeps its colour
+        lut[255] = 255
+        lut[1:len(ov.class_ids) + 1] = ov.class_ids
+        panels = [ov.image, colour_overlay(ov.image, lut[ov.target]),
+                  *(colour_overlay(ov.image, lut[ov.preds[init]]) for init in columns.values())]
+        for c, panel in enumerate(panels):
+            axes[r][c].imshow(panel)
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+            if r == 0:
+                axes[r][c].set_title(titles[c], fontsize=8)
+        axes[r][0].set_ylabel(ov.caption, fontsize=7)
+    fig.suptitle(f"{overlays[0].domain}, {overlays[0].shot}-shot queries", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def _pooled(result: EvalResult, domains: list[str], init: str, k: int) -> np.ndarray:
+    """Per-episode mIoU of every domain's episodes, concatenated (NaN = episode with nothing to score)."""
+    return np.concatenate([np.asarray(result.final(d, init, k).per_episode) for d in domains])
+
+
+def _fmt(iv: Interval) -> str:
+    return f"{100 * iv.mean:.1f} ± {100 * iv.half_width:.1f}" if iv.n >= 2 else f"{100 * iv.mean:.1f} ± n/a"
+
+
+def claim_check(result: EvalResult, *, domains: list[str], shots: list[int], meta_algs: list[str], ci: str = "t",
+                bootstrap_samples: int = 1000, seed: int = 0) -> tuple[str, dict[str, float]]:
+    """The honest headline: best meta-learning algorithm vs transfer at 1-shot (or the smallest K)."""
+    k = 1 if 1 in shots else min(shots)
+    if BASELINE not in {i for (_, i, _) in result.curves} or not meta_algs:
+        return f"Claim check not possible: needs `{BASELINE}` and at least one meta-learning algorithm.", {}
+    mean_miou = {a: float(np.mean([result.final(d, a, k).miou for d in domains])) for a in [*meta_algs, BASELINE]}
+    best = max(meta_algs, key=lambda a: mean_miou[a])
+    delta = 100 * (mean_miou[best] - mean_miou[BASELINE])
+    b, t = _pooled(result, domains, best, k), _pooled(result, domains, BASELINE, k)
+    ok = ~np.isnan(b) & ~np.isnan(t)
+    kw = {"method": ci, "bootstrap_samples": bootstrap_samples, "seed": seed}
+    cb, ct, diff = mean_ci(b[ok], **kw), mean_ci(t[ok], **kw), mean_ci(b[ok] - t[ok], **kw)
+    separate = not cb.overlaps(ct) if cb.n >= 2 else False
+    met = delta >= CLAIM_POINTS and separate
+    verdict = "MET" if met else "NOT MET"
+    line = (f"**Claim check ({k}-shot, mean over {len(domains)} domains): best meta-learning algorithm `{best}` vs "
+            f"`{BASELINE}`: {delta:+.1f} mIoU points; episode means {_fmt(cb)} vs {_fmt(ct)} — CIs "
+            f"{'do not overlap' if separate else 'overlap'}. Goal (>= {CLAIM_POINTS:.0f} points, non-overlapping CIs): "
+            f"{verdict}.** Paired per-episode difference: {_fmt(diff)} points ({diff.n} episodes).")
+    if not met:
+        why = []
+        if delta < CLAIM_POINTS:
+            why.append(f"the gap is {delta:+.1f} points, short of +{CLAIM_POINTS:.0f}")
+        if not separate:
+            why.append("the confidence intervals overlap")
+        line += " Not met because " + " and ".join(why) + "."
+    line += f" (`{best}` was picked as the best of {len(meta_algs)} on these same test episodes.)"
+    return line, {"claim.delta_points": round(delta, 4), "claim.met": float(met),
+                  "claim.ci_separate": float(separate)}
+
+
+def report_markdown(result: EvalResult, *, domains: list[str], shots: list[int], inits: list[str],
+                    meta_algs: list[str], no_adapt: bool, ci: str = "t", bootstrap_samples: int = 1000,
+                    seed: int = 0) -> tuple[str, dict[str, float]]:
+    """report.md text and the claim metrics."""
+    claim, claim_metrics = claim_check(result, domains=domains, shots=shots, meta_algs=meta_algs, ci=ci,
+                                       bootstrap_samples=bootstrap_samples, seed=seed)
+    lines = ["# Evaluation report", "", claim, "",
+             f"mIoU in percent after {result.steps} adaptation steps; in brackets the per-episode mean ± 95% CI "
+             f"half-width ({ci}). Winner = highest mIoU; the last column compares its CI with the runner-up's. "
+             f"Mean rows: mIoU averaged over domains, CI over the episodes of all domains pooled.", ""]
+    kw = {"method": ci, "bootstrap_samples": bootstrap_samples, "seed": seed}
+    lines += _table(result, domains, shots, inits, kw)
+    if no_adapt:
+        lines += ["", "## Without adaptation (step 0)", ""]
+        lines += _table(result, domains, shots, [f"{i}{NOADAPT}" for i in inits], kw)
+    failed = [f"{d}/{i}/{k}-shot: {n}" for (d, i, k), n in result.diverged.items() if n]
+    if failed:
+        lines += ["", f"**Warning: adaptation diverged (non-finite logits; scored as predicted) in episodes of "
+                      f"{'; '.join(failed)}. Lower adapt.lr or the init's inner lr.**"]
+    lines += ["", f"Episodes: {int(result.speed.get('episodes', 0))} per init; "
+              f"{result.speed.get('episodes_per_s', 0):.2f} episodes/s (all inits) in "
+              f"{result.speed.get('seconds', 0):.0f} s.", ""]
+    return "\n".join(lines), claim_metrics
+
+
+def _table(result: EvalResult, domains: list[str], shots: list[int], inits: list[str],
+           ci_kw: dict[str, object]) -> list[str]:
+    out = ["| domain | K | " + " | ".join(inits) + " | winner | CI vs runner-up |",
+           "|---|---|" + "---|" * len(inits) + "---|---|"]
+    for d in [*domains, "mean"]:
+        for k in shots:
+            miou: dict[str, float] = {}
+            ivs: dict[str, Interval] = {}
+            for i in inits:
+                if d == "mean":
+                    miou[i] = float(np.mean([result.final(x, i, k).miou for x in domains]))
+                    vals = _pooled(result, domains, i, k)
+                    vals = vals[~np.isnan(vals)]
+                    ivs[i] = mean_ci(vals, **ci_kw) if len(vals) else Interval(np.nan, np.nan, np.nan, 0, "t")  # type: ignore[arg-type]
+                else:
+                    s = result.final(d, i, k)
+                    miou[i], ivs[i] = s.miou, s.episode
+            ranked = sorted(inits, key=lambda i: -miou[i])
+            cells = [f"{100 * miou[i]:.1f} ({_fmt(ivs[i])})" for i in inits]
+            if len(ranked) > 1:
+                w, r = ranked[0], ranked[1]
+                sep = "n/a" if ivs[w].n < 2 or ivs[r].n < 2 else ("overlap" if ivs[w].overlaps(ivs[r]) else "separate")
+                tail = f"**{w}** (+{100 * (miou[w] - miou[r]):.1f} vs {r}) | {sep}"
+            else:
+                tail = f"**{ranked[0]}** | n/a"
+            name = "**mean**" if d == "mean" else d
+            out.append(f"| {name} | {k} | " + " | ".join(cells) + f" | {tail} |")
+    return out
+
+
+def write_report(path: Path, text: str) -> None:
+    write_text(path, text)
+
+
+def write_outputs(result: EvalResult, out: Path, *, domains: list[str], shots: list[int], inits: list[str],
+                  meta_algs: list[str], no_adapt: bool, ci: str, bootstrap_samples: int, seed: int) -> dict[str, float]:
+    """metrics.json, report.md and plots/ (swapped in whole) under ``out``; returns the metrics."""
+    from metaseg.evaluate import metrics_dict
+    from metaseg.io import atomic_dir, write_json
+
+    metrics = metrics_dict(result, domains=domains, shots=shots, no_adapt=no_adapt)
+    text, claim = report_markdown(result, domains=domains, shots=shots, inits=inits, meta_algs=meta_algs,
+                                  no_adapt=no_adapt, ci=ci, bootstrap_samples=bootstrap_samples, seed=seed)
+    metrics.update(claim)
+    with atomic_dir(out / "plots") as plots:
+        write_plot_data(result, plots, domains=domains, shots=shots, inits=inits)
+        for d in domains:
+            best = max(meta_algs, key=lambda a: result.final(d, a, min(shots)).miou) if meta_algs else None
+            columns = {f"{best} (best meta)": best} if best else {}
+            if BASELINE in inits:
+                columns[BASELINE] = BASELINE
+            if not columns and inits:  # no meta-learned init and no transfer: show what was evaluated
+                columns[inits[0]] = inits[0]
+            if result.overlays.get(d) and columns:
+                write_overlays(result.overlays[d], plots / f"{d}_overlays.png", columns=columns)
+    write_report(out / "report.md", text)
+    write_json(out / "metrics.json", metrics)
+    return metrics

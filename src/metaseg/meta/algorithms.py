@@ -1,0 +1,336 @@
+"""Meta-learning algorithms as update rules over the one functional inner loop (``metaseg.meta.inner``).
+
+``Algorithm.step(tasks) -> {"loss": meta-loss, "miou": query mIoU after adaptation}`` owns the outer optimiser
+and schedule; ``state_dict`` / ``load_state_dict`` cover everything a resume needs; ``export_init`` returns the
+``TrainedInit`` that adaptation reads. Algorithms differ only in which params adapt and how the outer update is
+formed:
+
+maml      second order through the inner loop            fomaml   first order (d adapted / d init = I)
+metasgd   learned per-element inner rates (second order)  anil     inner loop on the 1x1 head only (on cached
+reptile   outer step = interpolation towards the support-adapted   body features), second order
+          weights: theta += eps * (mean adapted - theta)  protonet cosine prototypes x learned scale, no inner loop
+transfer  plain supervised training (train-mode BN) on the tasks' pooled images, labels binarised (fg = any class)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaseg.meta.fast_adapt import TrainedInit
+from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, task_buffers
+from metaseg.models.adapted import MEAN, STD
+from metaseg.models.deeplab import HEAD_NAMES
+from metaseg.models.heads import HeadOnly, deeplab_features, expand_head, expand_rows, proto_head
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer")
+
+
+def foreground_miou(logits: Tensor, y: Tensor, num_classes: int) -> float:
+    """Mean IoU over classes 1..C with a non-empty union, pixels summed over the batch (255 ignored)."""
+    pred, valid = logits.argmax(1), y != IGNORE
+    ious = []
+    for c in range(1, num_classes + 1):
+        p, t = (pred == c) & valid, (y == c) & valid
+        union = int((p | t).sum())
+        if union:
+            ious.append(int((p & t).sum()) / union)
+    return sum(ious) / len(ious) if ious else float("nan")
+
+
+def _ways(task: Any) -> int:
+    if getattr(task, "class_ids", ()):
+        return len(task.class_ids)
+    return max(1, int(task.support_y[task.support_y != IGNORE].max()))
+
+
+class Algorithm:
+    """Base: outer optimiser + schedule over ``meta_parameters()``; subclasses implement ``task_loss``."""
+
+    name = "base"
+    create_graph = False
+    adapt_names: set[str] | None = None
+
+    def __init__(self, model: nn.Module, *, inner_steps: int = 2, inner_lr: float = 1e-3, outer_lr: float = 1e-3,
+                 outer_optimizer: str = "adam", weight_decay: float = 0.0, schedule: str = "constant",
+                 iterations: int = 100, reptile_epsilon: float = 0.5, aux_weight: float = 0.4,
+                 dice_weight: float = 0.0, class_balance: bool = False, inner_clip: float | None = None,
+                 outer_clip: float | None = None,
+                 amp_dtype: torch.dtype | None = None) -> None:
+        self.model, self.inner_steps, self.inner_lr = model, inner_steps, inner_lr
+        self.inner_clip, self.outer_clip, self.class_balance = inner_clip, outer_clip, class_balance
+        self.aux_weight, self.dice_weight, self.amp_dtype = aux_weight, dice_weight, amp_dtype
+        self.reptile_epsilon = reptile_epsilon
+        self._setup()
+        self.optimizer = self._make_optimizer(outer_optimizer, outer_lr, weight_decay)
+        total = max(1, iterations)
+
+        def factor(t: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(t, total) / total)) if schedule == "cosine" else 1.0
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16 and self.device.type == "cuda")
+
+    # --- hooks -------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        pass
+
+    def extra_parameters(self) -> dict[str, Tensor]:
+        return {}
+
+    def task_loss(self, task: Any) -> tuple[Tensor, float]:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def meta_parameters(self) -> Iterator[Tensor]:
+        yield from self.model.parameters()
+        yield from self.extra_parameters().values()
+
+    def _make_optimizer(self, kind: str, lr: float, wd: float) -> torch.optim.Optimizer:
+        params = list(self.meta_parameters())
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+        if kind == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+
+    def _clip_outer(self) -> None:
+        if self.outer_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(list(self.meta_parameters()), self.outer_clip)
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loss_fn(self, out: Any, y: Tensor) -> Tensor:
+        return seg_loss(out, y, aux_weight=self.aux_weight, dice_weight=self.dice_weight, balance=self.class_balance)
+
+    def params(self) -> Params:
+        return dict(self.model.named_parameters())
+
+    def buffers(self) -> Params:
+        return dict(self.model.named_buffers())
+
+    def inner_rates(self, ways: int) -> float | dict[str, Tensor]:
+        return self.inner_lr
+
+    def adapted_query(self, task: Any) -> tuple[Any, Params]:
+        """Task BN stats, expanded head, inner loop on the support set; returns (query outputs, adapted params)."""
+        ways = _ways(task)
+        params = self.params()
+        tb = task_buffers(self.model, params, self.buffers(), task.support_x)
+        fast = inner_loop(self.model, expand_head(params, ways), tb, task.support_x, task.support_y,
+                          steps=self.inner_steps, lr=self.inner_rates(ways), adapt_names=self.adapt_names,
+                          create_graph=self.create_graph, loss_fn=self.loss_fn, clip=self.inner_clip)
+        return forward(self.model, fast, tb, task.query_x), fast
+
+    def step(self, tasks: list[Any]) -> dict[str, float]:
+        """One outer update from ``tasks``; returns mean meta-loss and query mIoU (after adaptation)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, mious = [], []
+        for task in tasks:
+            with self.autocast():
+                loss, miou = self.task_loss(task)
+            self.scaler.scale(loss / len(tasks)).backward()
+            losses.append(float(loss.detach()))
+            mious.append(miou)
+        self._clip_outer()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": sum(losses) / len(losses), "miou": _nanmean(mious)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "extra": {k: v.detach().clone() for k, v in self.extra_parameters().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for k, v in self.extra_parameters().items():
+                v.copy_(state["extra"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def export_init(self, *, backbone: str, image_size: int, **extras: Any) -> TrainedInit:
+        return TrainedInit(algorithm=self.name, backbone=backbone, image_size=image_size,
+                           params={k: v.detach().cpu().clone() for k, v in self.model.named_parameters()},
+                           buffers={k: v.detach().cpu().clone() for k, v in self.model.named_buffers()},
+                           inner_lr=self.inner_lr, adapt_names=sorted(self.adapt_names) if self.adapt_names else None,
+                           extras={"aux_weight": self.aux_weight, "dice_weight": self.dice_weight,
+                                   "inner_clip": self.inner_clip, "class_balance": self.class_balance,
+                                   "mean": list(MEAN), "std": list(STD), **extras})
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+class MAML(Algorithm):
+    name, create_graph = "maml", True
+
+    def task_loss(self, task: Any) -> tuple[Tensor, float]:
+        out, _ = self.adapted_query(task)
+        return self.loss_fn(out, task.query_y), foreground_miou(out["out"].detach(), task.query_y, _ways(task))
+
+
+class FOMAML(MAML):
+    name, create_graph = "fomaml", False
+
+
+class MetaSGD(MAML):
+    name, create_graph = "metasgd", True
+
+    def _setup(self) -> None:
+        self.lrs = {k: nn.Parameter(torch.full_like(v.detach(), self.inner_lr))
+                    for k, v in self.model.named_parameters()}
+
+    def extra_parameters(self) -> dict[str, Tensor]:
+        return self.lrs
+
+    def inner_rates(self, ways: int) -> dict[str, Tensor]:
+        return {k: expand_rows(v, ways) if k in HEAD_NAMES else v for k, v in self.lrs.items()}
+
+    def export_init(self, **kw: Any) -> TrainedInit:
+        init = super().export_init(**kw)
+        init.inner_lrs = {k: v.detach().cpu().clone() for k, v in self.lrs.items()}
+        return init
+
+
+class ANIL(MAML):
+    """Inner loop on the head only, run on body features computed once per task (body frozen inside)."""
+
+    name, create_graph = "anil", True
+
+    def _setup(self) -> None:
+        names = {n for n, _ in self.model.named_parameters()}
+        self.adapt_names = {n for n in HEAD_NAMES if n in names}
+
+    def adapted_query(self, task: Any) -> tuple[Any, Params]:
+        ways, params = _ways(task), self.params()
+        tb = task_buffers(self.model, params, self.buffers(), task.support_x)
+        head = HeadOnly(self.model, tuple(task.support_x.shape[-2:]))
+        hp = expand_head({k: params[k] for k in self.adapt_names}, ways)
+        fs = deeplab_features(self.model, params, tb, task.support_x)
+        fast = inner_loop(head, hp, {}, fs, task.support_y, steps=self.inner_steps, lr=self.inner_lr,
+                          adapt_names=None, create_graph=True, loss_fn=self.loss_fn, clip=self.inner_clip)
+        return forward(head, fast, {}, deeplab_features(self.model, params, tb, task.query_x)), fast
+
+
+class ProtoNet(Algorithm):
+    name = "protonet"
+
+    def _setup(self) -> None:
+        self.scale = nn.Parameter(torch.tensor(10.0, device=self.device))
+
+    def extra_parameters(self) -> dict[str, Tensor]:
+        return {"scale": self.scale}
+
+    def task_loss(self, task: Any) -> tuple[Tensor, float]:
+        ways, params = _ways(task), self.params()
+        tb = task_buffers(self.model, params, self.buffers(), task.support_x)
+        fs = deeplab_features(self.model, params, tb, task.support_x)
+        fq = deeplab_features(self.model, params, tb, task.query_x)
+        out = proto_head(fq, fs, task.support_y, ways, self.scale, tuple(task.query_x.shape[-2:]))
+        return self.loss_fn(out, task.query_y), foreground_miou(out["out"].detach(), task.query_y, ways)
+
+    def export_init(self, **kw: Any) -> TrainedInit:
+        init = super().export_init(**kw)
+        init.head, init.proto_scale = "prototype", float(self.scale.detach())
+        # fine-tuning after baking touches the head only: the body was never meta-trained to take inner steps
+        # (full-network steps at the inner lr wreck the prototype features: support loss 0.45 -> 577 in one step)
+        names = {n for n, _ in self.model.named_parameters()}
+        init.adapt_names = sorted(n for n in HEAD_NAMES if n in names)
+        return init
+
+
+class Reptile(Algorithm):
+    """Inner loop (first order) on the support set; outer: theta <- theta + eps * (mean adapted - theta).
+
+    The inner loop sees the support set only (as at test time): with BN statistics from the support, query
+    images of a random-init model give huge losses, and stepping on them diverges.
+
+    The optimiser is plain SGD with lr = epsilon and grad = theta - mean(adapted), which is that interpolation
+    exactly (and lets the schedule anneal epsilon). Expanded head rows are folded back: fg = mean of fg rows.
+    """
+
+    name = "reptile"
+
+    def _make_optimizer(self, kind: str, lr: float, wd: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(list(self.meta_parameters()), lr=self.reptile_epsilon)
+
+    def step(self, tasks: list[Any]) -> dict[str, float]:
+        theta = {k: v.detach() for k, v in self.model.named_parameters()}
+        mean = {k: torch.zeros_like(v) for k, v in theta.items()}
+        losses, mious = [], []
+        for task in tasks:
+            ways = _ways(task)
+            x, y = task.support_x, task.support_y
+            with self.autocast():
+                tb = task_buffers(self.model, theta, self.buffers(), task.support_x)
+                fast = inner_loop(self.model, expand_head(theta, ways), tb, x, y, steps=self.inner_steps,
+                                  lr=self.inner_lr, adapt_names=None, create_graph=False, loss_fn=self.loss_fn,
+                                  clip=self.inner_clip)
+                with torch.no_grad():
+                    out = forward(self.model, fast, tb, task.query_x)
+                    losses.append(float(self.loss_fn(out, task.query_y)))
+            mious.append(foreground_miou(out["out"], task.query_y, ways))
+            for k, v in fast.items():
+                v = v.detach()
+                if k in HEAD_NAMES:
+                    v = torch.cat([v[:1], v[1:].mean(0, keepdim=True)])
+                mean[k] += v / len(tasks)
+        for k, p in self.model.named_parameters():
+            p.grad = (theta[k] - mean[k]).to(p.dtype)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": sum(losses) / len(losses), "miou": _nanmean(mious)}
+
+
+class Transfer(Algorithm):
+    """Supervised pre-training: every task image (support + query) in one train-mode batch, binary labels."""
+
+    name = "transfer"
+
+    def step(self, tasks: list[Any]) -> dict[str, float]:
+        x = torch.cat([t for task in tasks for t in (task.support_x, task.query_x)])
+        y = torch.cat([t for task in tasks for t in (task.support_y, task.query_y)])
+        y = torch.where((y > 0) & (y != IGNORE), torch.ones_like(y), y)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+        self.scaler.scale(loss).backward()
+        self._clip_outer()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.model.eval()
+        return {"loss": float(loss.detach()), "miou": foreground_miou(out["out"].detach(), y, 1)}
+
+
+_CLASSES: dict[str, type[Algorithm]] = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL,
+                                        "protonet": ProtoNet, "reptile": Reptile, "transfer": Transfer}
+
+
+def make_algorithm(name: str, model: nn.Module, **settings: Any) -> Algorithm:
+    """``settings``: inner_steps, inner_lr, outer_lr, outer_optimizer, weight_decay, schedule, iterations,
+    reptile_epsilon, aux_weight, dice_weight, class_balance, inner_clip, outer_clip, amp_dtype
+    (see ``Algorithm.__init__``)."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown algorithm '{name}' (expected one of {', '.join(ALGORITHMS)})")
+    return _CLASSES[name](model, **settings)

@@ -1,0 +1,200 @@
+"""The adaptation API every later stage calls: a trained init + K labelled support images -> a plain DeepLabv3.
+
+One code path for every algorithm (and the ``scratch`` baseline): task BN statistics from the support set, the
+2-row head expanded to the domain's C classes (or, for protonet, prototypes baked into the 1x1 conv), then
+``steps`` updates of the shared functional inner loop (``metaseg.meta.inner.inner_loop``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from metaseg.meta.inner import Params, forward, inner_loop, seg_loss, task_buffers
+from metaseg.models.deeplab import HEAD_NAMES, build_model
+from metaseg.models.heads import HeadOnly, baked_head_params, deeplab_features, expand_head, expand_rows
+
+log = logging.getLogger(__name__)
+
+Augment = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # normalised images [B,3,H,W], labels [B,H,W]
+
+
+@dataclass
+class TrainedInit:
+    """Everything adaptation needs from ``models/train/<alg>.pt``."""
+
+    algorithm: str
+    backbone: str
+    image_size: int
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    inner_lr: float
+    inner_lrs: dict[str, Tensor] | None = None  # Meta-SGD: learned per-parameter rates (2-row head shapes)
+    adapt_names: list[str] | None = None  # ANIL: the head only; None = every parameter
+    head: Literal["replicated", "prototype"] = "replicated"
+    proto_scale: float | None = None  # protonet's learned cosine scale
+    extras: dict[str, Any] = field(default_factory=dict)  # aux_weight, dice_weight, mean, std, config, ...
+
+    @property
+    def aux(self) -> bool:
+        return "aux_classifier.4.weight" in self.params
+
+
+@lru_cache(maxsize=4)
+def _skeleton(backbone: str, aux: bool) -> nn.Module:
+    # functional_call supplies every tensor, so the module's own (random) weights are never used
+    return build_model(backbone, aux_loss=aux)
+
+
+def skeleton(init: TrainedInit, device: torch.device | str) -> nn.Module:
+    return _skeleton(init.backbone, init.aux).to(device)
+
+
+def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedInit:
+    """Read ``models/train/<alg>.pt`` (written by ``metaseg.train``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trained init not found (run the train stage first)")
+    obj = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(obj, dict) or "params" not in obj or "algorithm" not in obj:
+        raise ValueError(f"{path}: not a metaseg trained init (expected a dict with 'algorithm' and 'params')")
+    return TrainedInit(algorithm=obj["algorithm"], backbone=obj["backbone"], image_size=int(obj["image_size"]),
+                       params=obj["params"], buffers=obj["buffers"], inner_lr=float(obj["inner_lr"]),
+                       inner_lrs=obj.get("inner_lrs"), adapt_names=obj.get("adapt_names"),
+                       head=obj.get("head", "replicated"), proto_scale=obj.get("proto_scale"),
+                       extras={**obj.get("extras", {}), **({"config": obj["config"]} if "config" in obj else {})})
+
+
+def init_to_dict(init: TrainedInit) -> dict[str, Any]:
+    """The checkpoint dict ``load_init`` reads (tensors detached, on CPU)."""
+    cpu = lambda d: None if d is None else {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
+    return {"algorithm": init.algorithm, "backbone": init.backbone, "image_size": init.image_size,
+            "params": cpu(init.params), "buffers": cpu(init.buffers), "inner_lr": float(init.inner_lr),
+            "inner_lrs": cpu(init.inner_lrs), "adapt_names": init.adapt_names, "head": init.head,
+            "proto_scale": init.proto_scale, "extras": init.extras}
+
+
+def scratch_init(backbone: str, image_size: int, *, inner_lr: float, seed: int, aux_loss: bool = True,
+                 inner_clip: float | None = 10.0, class_balance: bool = True, aux_weight: float = 0.4,
+                 dice_weight: float = 0.0) -> TrainedInit:
+    """A randomly initialised model with the replicated head: the ``scratch`` baseline.
+
+    The loss / clipping extras default to the TrainConfig defaults, so scratch adapts like a trained init
+    (unclipped full-network SGD at lr 0.01 diverges on some support sets).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(backbone, aux_loss=aux_loss)
+    return TrainedInit(algorithm="scratch", backbone=backbone, image_size=image_size,
+                       params={k: v.detach().clone() for k, v in model.named_parameters()},
+                       buffers={k: v.detach().clone() for k, v in model.named_buffers()}, inner_lr=inner_lr,
+                       extras={"inner_clip": inner_clip, "class_balance": class_balance, "aux_weight": aux_weight,
+                               "dice_weight": dice_weight})
+
+
+class AdaptedModel:
+    """An adapted task model: params + task BN buffers over the shared skeleton."""
+
+    def __init__(self, module: nn.Module, params: Params, buffers: Params, backbone: str, num_classes: int) -> None:
+        self.module, self.params, self.buffers = module, params, buffers
+        self.backbone, self.num_classes = backbone, num_classes
+        self.support_loss_before = float("nan")
+        self.support_loss_after = float("nan")
+
+    @torch.no_grad()
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """[B, C+1, H, W] logits (eval BN with the task's support statistics)."""
+        out = forward(self.module, self.params, self.buffers, x)
+        return out["out"] if isinstance(out, dict) else out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Plain torchvision DeepLabv3 state_dict, num_classes = C+1, aux dropped, task stats as running stats."""
+        sd = {**self.params, **self.buffers}
+        return {k: v.detach().cpu().clone() for k, v in sd.items() if not k.startswith("aux_classifier.")}
+
+
+def _rates(init: TrainedInit, lr: float | None, num_classes: int, device: torch.device) -> float | dict[str, Tensor]:
+    if init.inner_lrs is None:
+        return init.inner_lr if lr is None else lr
+    factor = 1.0 if lr is None else lr / init.inner_lr
+    return {k: (expand_rows(v, num_classes) if k in HEAD_NAMES else v).detach().to(device) * factor
+            for k, v in init.inner_lrs.items()}
+
+
+def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: int, *, steps: int,
+          lr: float | None = None, optimizer: str = "sgd", augment: Augment | None = None,
+          batch_size: int | None = None, on_step: Callable[[int, AdaptedModel], None] | None = None,
+          generator: torch.Generator | None = None) -> AdaptedModel:
+    """Adapt ``init`` to a task with labels 0..num_classes (255 ignore) from its support set.
+
+    lr None = the init's inner lr (Meta-SGD: its learned rates, scaled by lr / inner_lr when lr is given).
+    ANIL adapts only the head; protonet bakes prototypes into the head first. ``augment(x, y)`` acts on
+    normalised tensors; ``batch_size`` draws that many support images per step (``generator`` seeds both).
+    ``on_step(step, model)`` runs at step 0 (before any update) and after each step.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    device = support_x.device
+    module = skeleton(init, device)
+    params = {k: v.detach().to(device) for k, v in init.params.items()}
+    buffers = task_buffers(module, params, {k: v.to(device) for k, v in init.buffers.items()}, support_x)
+    if init.head == "prototype":
+        with torch.no_grad():
+            feats = deeplab_features(module, params, buffers, support_x)
+            params.update(baked_head_params(feats, support_y, num_classes, float(init.proto_scale or 1.0)))
+    else:
+        params = expand_head(params, num_classes)
+    aux_w = float(init.extras.get("aux_weight", 0.4))
+    dice_w = float(init.extras.get("dice_weight", 0.0))
+    balance = bool(init.extras.get("class_balance", False))
+    loss_fn = lambda out, y: seg_loss(out, y, aux_weight=aux_w, dice_weight=dice_w, balance=balance)  # noqa: E731
+
+    batches = None
+    if augment is not None or (batch_size is not None and batch_size < len(support_x)):
+        def batches(step: int) -> tuple[Tensor, Tensor]:
+            xb, yb = support_x, support_y
+            if batch_size is not None and batch_size < len(support_x):
+                idx = torch.randperm(len(support_x), generator=generator)[:batch_size].to(device)
+                xb, yb = xb[idx], yb[idx]
+            return augment(xb, yb) if augment is not None else (xb, yb)
+
+    def wrap(step: int, p: Params) -> None:
+        if on_step is not None:
+            on_step(step, AdaptedModel(module, {k: v.detach() for k, v in p.items()}, buffers, init.backbone,
+                                       num_classes))
+
+    losses: list[float] = []
+    names = set(init.adapt_names) if init.adapt_names is not None else None
+    rates, clip = _rates(init, lr, num_classes, device), init.extras.get("inner_clip")
+    if names is not None and names <= set(HEAD_NAMES) and batches is None:
+        # head-only (ANIL): the body is fixed, so its features are computed once; same loop on the 1x1 convs
+        with torch.no_grad():
+            feats = deeplab_features(module, params, buffers, support_x)
+        head = HeadOnly(module, tuple(support_x.shape[-2:]))
+        fast_head = inner_loop(head, {k: params[k] for k in names}, {}, feats, support_y, steps=steps,
+                               lr={k: rates[k] for k in names} if isinstance(rates, dict) else rates,
+                               adapt_names=None, create_graph=False, loss_fn=loss_fn, optimizer=optimizer,
+                               on_step=(lambda s, p: wrap(s, {**params, **p})) if on_step is not None else None,
+                               losses=losses, clip=clip)
+        fast = {**params, **fast_head}
+    else:
+        fast = inner_loop(module, params, buffers, support_x, support_y, steps=steps, lr=rates, adapt_names=names,
+                          create_graph=False, loss_fn=loss_fn, on_step=wrap if on_step is not None else None,
+                          optimizer=optimizer, batches=batches, losses=losses, clip=clip)
+    adapted = AdaptedModel(module, {k: v.detach() for k, v in fast.items()}, buffers, init.backbone, num_classes)
+    with torch.no_grad():
+        after = float(loss_fn(forward(module, adapted.params, buffers, support_x), support_y))
+    adapted.support_loss_before = losses[0] if losses and batches is None else (after if steps == 0 else float("nan"))
+    if steps > 0 and batches is not None:
+        with torch.no_grad():
+            adapted.support_loss_before = float(loss_fn(forward(module, params, buffers, support_x), support_y))
+    adapted.support_loss_after = after
+    return adapted

@@ -1,0 +1,118 @@
+"""The `adapt` stage: deterministic deployment, the shipped file is what was adapted, reload without training code."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_helpers import SEED, make_workspace
+from metaseg.adapt import AdaptSettings, adapt_deployment, resolve_init
+from metaseg.config import ConfigError
+from metaseg.data.prepared import PreparedDataset
+from metaseg.data.splits import load_deploy, load_splits
+from metaseg.io import read_json
+from metaseg.meta import fast_adapt
+from metaseg.models.adapted import load_adapted
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+DOMAIN = "xray"
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_workspace(tmp_path_factory.mktemp("adapt"))
+    cmd = [sys.executable, str(ROOT / "pipeline/adapt.py"), "--params", "params.yaml", "--init",
+           "models/train/fomaml.pt", "--domain", DOMAIN, "--prepared", "data/prepared", "--splits", "data/splits",
+           "--out", f"models/adapted/{DOMAIN}/fomaml.pt", "--results", f"results/adapt/{DOMAIN}/fomaml"]
+    proc = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+def _inputs(root: Path) -> tuple[PreparedDataset, object, list[int]]:
+    ds = PreparedDataset(root / "data/prepared")
+    deploy = load_deploy(root / "data/splits/deploy.json")[DOMAIN]
+    return ds, deploy, load_splits(root / "data/splits/splits.json")["pools"][DOMAIN]["test"]
+
+
+def test_stage_ships_a_model_that_learned_and_scores_the_test_pool(ws: Path) -> None:
+    m = read_json(ws / f"results/adapt/{DOMAIN}/fomaml/metrics.json")
+    assert m["support_loss_after"] < m["support_loss_before"]  # adaptation fitted the deployment support set
+    _, deploy, test = _inputs(ws)
+    assert m["test_images"] == len(test) and m["support_images"] == len(deploy.support)
+    assert 0 <= m["test_miou"] <= 100 and 0 <= m["test_fbiou"] <= 100
+    assert m["reload_max_abs_logit_diff"] < 1e-4  # the file computes what the inner loop computed
+    _, meta = load_adapted(ws / f"models/adapted/{DOMAIN}/fomaml.pt")
+    assert meta["class_names"] == ["background", "disc", "box", "triangle", "cross"]
+    assert (meta["domain"], meta["algorithm"], meta["steps"], meta["image_size"]) == (DOMAIN, "fomaml", 2, 64)
+
+
+def test_same_seed_gives_identical_adapted_weights(ws: Path, tmp_path: Path) -> None:
+    ds, deploy, test = _inputs(ws)
+    init = fast_adapt.load_init(ws / "models/train/fomaml.pt")
+    adapt_deployment(ds.domain(DOMAIN), deploy, test, init, tmp_path / "again.pt", settings=AdaptSettings(steps=2),
+                     seed=SEED, device=torch.device("cpu"))
+    a = torch.load(ws / f"models/adapted/{DOMAIN}/fomaml.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "again.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+BLOCKED = '''
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(("metaseg.train", "metaseg.meta", "metaseg.adapt", "metaseg.evaluate")):
+            raise ImportError("blocked: " + name)
+        return None
+sys.meta_path.insert(0, Block())
+import torch
+from metaseg.models.adapted import load_adapted
+model, meta = load_adapted(sys.argv[1])
+with torch.no_grad():
+    out = model(torch.load(sys.argv[2]))["out"]
+torch.save(out, sys.argv[3])
+'''
+
+
+def test_adapted_model_reloads_without_training_code(ws: Path, tmp_path: Path) -> None:
+    path = ws / f"models/adapted/{DOMAIN}/fomaml.pt"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", BLOCKED, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, _ = load_adapted(path)
+    with torch.no_grad():
+        expected = model(x)["out"]
+    got = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert got.shape == (2, 5, 64, 64) and torch.allclose(got, expected)
+
+
+def test_divergence_is_a_one_line_error_and_writes_nothing(ws: Path, tmp_path: Path) -> None:
+    ds, deploy, test = _inputs(ws)
+    init = resolve_init("scratch", torch.device("cpu"), backbone="mobilenet_v3_large", image_size=64, inner_lr=1e-4,
+                        seed=SEED)
+    with pytest.raises(ConfigError, match="diverged"):
+        adapt_deployment(ds.domain(DOMAIN), deploy, test, init, tmp_path / "bad.pt",
+                         settings=AdaptSettings(steps=2, lr=1e6), seed=SEED, device=torch.device("cpu"))
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_support_augment_is_seeded_and_keeps_labels() -> None:
+    from metaseg.adapt import support_augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 64, 64, generator=g).clamp(-2, 2)
+    y = torch.zeros(2, 64, 64, dtype=torch.int64)
+    y[:, 10:40, 10:40] = 1
+    y[:, :3] = 255
+    xa, ya = support_augment(64, torch.Generator().manual_seed(5))(x, y)
+    xb, yb = support_augment(64, torch.Generator().manual_seed(5))(x, y)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert xa.shape == x.shape and xa.dtype == torch.float32 and ya.dtype == torch.int64
+    assert set(ya.unique().tolist()) <= {0, 1, 255}  # nearest-neighbour masks: no blended labels

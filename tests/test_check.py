@@ -1,0 +1,98 @@
+"""export.runtime_check: all precisions pass on the toy task; a perturbed ONNX weight fails the stage."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from export.runtime_check import CheckFailed, confusion_matrix, enforce, format_table, miou, run_checks
+from tests.onnx_helpers import ALGORITHM, DOMAIN, adapted_root, bundle, check_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check(onnx_root: Path, **changes: object) -> list[dict[str, object]]:
+    b = bundle()
+    return run_checks(onnx_root, adapted_root(b), b.prepared, b.splits, **check_config(**changes).model_dump())
+
+
+def test_confusion_matrix_and_miou() -> None:
+    target = torch.tensor([[0, 0, 1, 255]])
+    pred = torch.tensor([[0, 1, 1, 2]])
+    cm = confusion_matrix(pred, target, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]  # the ignore pixel is not counted
+    assert miou(cm) == pytest.approx(50.0)  # class 2 is absent from both: not averaged
+
+
+def test_every_precision_passes_on_cpu() -> None:
+    rows = _check(bundle().onnx_root)
+    print("\n" + format_table(rows))
+    by = {r["precision"]: r for r in rows}
+    assert set(by) == {"fp32", "fp16", "int8"}
+    assert by["fp32"]["torch_miou"] > 40  # not degenerate (background everywhere scores ~12), so a drop shows
+    for r in rows:
+        assert r["provider"] == "CPUExecutionProvider"
+        assert r["latency_p50_ms"] > 0 and r["throughput_ips"] > 0 and r["ort_over_torch"] > 0
+        assert r["passed"], f"{r['precision']}: {r}"
+    assert by["fp32"]["max_diff"] <= 1e-4 and by["fp32"]["agreement"] >= 0.999
+    for precision in ("fp16", "int8"):
+        assert by[precision]["miou"] >= by[precision]["torch_miou"] - 1.0
+    enforce(rows)  # no exception
+
+
+def _perturb(src: Path, dst: Path) -> None:
+    """Copy the fp32 file with one weight of the final classifier conv changed."""
+    model = onnx.load(src)
+    last_conv = [n for n in model.graph.node if n.op_type == "Conv"][-1]
+    init = next(i for i in model.graph.initializer if i.name == last_conv.input[1])
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[int(np.abs(w).argmax())] *= -1.0
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    dst.parent.mkdir(parents=True)
+    onnx.save(model, dst)
+
+
+def test_perturbed_model_fails_the_stage(tmp_path: Path) -> None:
+    b = bundle()
+    onnx_root = tmp_path / "onnx"
+    _perturb(b.onnx_dir / "model.fp32.onnx", onnx_root / DOMAIN / ALGORITHM / "model.fp32.onnx")
+    shutil.copy(b.onnx_dir / "model.fp16.onnx", onnx_root / DOMAIN / ALGORITHM / "model.fp16.onnx")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"check": check_config().model_dump()}))
+    shutil.copy(b.splits, tmp_path / "splits.json")
+    cmd = [sys.executable, str(REPO / "pipeline" / "check.py"), "--params", str(tmp_path / "params.yaml"),
+           "--onnx", str(onnx_root), "--adapted", str(adapted_root(b)), "--prepared", str(b.prepared),
+           "--splits", str(tmp_path), "--results", str(tmp_path / "results")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "failed the runtime check: toy/transfer/fp32" in proc.stderr.strip().splitlines()[-1]
+    assert "max_diff" in proc.stdout  # the table comes first
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["passed"] == 0 and metrics["toy/transfer/fp32/passed"] == 0
+    assert metrics["toy/transfer/fp16/passed"] == 1
+    verified = json.loads((tmp_path / "results" / "verified.json").read_text())["verified"]
+    assert [v["precision"] for v in verified] == ["fp16"]
+
+
+def test_enforce_raises_one_line() -> None:
+    rows = [{"domain": "d", "algorithm": "a", "precision": "int8", "passed": False}]
+    with pytest.raises(CheckFailed, match=r"^1 of 1 ONNX model\(s\) failed the runtime check: d/a/int8 "):
+        enforce(rows)
+
+
+@pytest.mark.gpu
+def test_cuda_io_binding_path() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is false)")
+    rows = _check(bundle().onnx_root)
+    print("\n" + format_table(rows))
+    for r in rows:
+        assert r["provider"] == "CUDAExecutionProvider"
+        assert r["passed"], f"{r['precision']}: {r}"

@@ -1,0 +1,93 @@
+"""The `evaluate` stage: stored episodes drive the numbers, reproducible, metric keys, report and plot files."""
+from __future__ import annotations
+
+import math
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval_helpers import ALGORITHMS, SEED, TEST_DOMAINS, make_workspace
+from metaseg.adapt import AdaptSettings
+from metaseg.data.prepared import PreparedDataset
+from metaseg.data.splits import load_episodes, load_splits
+from metaseg.evaluate import EvalResult, evaluate_inits
+from metaseg.io import read_json
+from metaseg.meta import fast_adapt
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+INITS = [*ALGORITHMS, "scratch"]
+SHOTS = [1, 2]
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_workspace(tmp_path_factory.mktemp("evaluate"))
+    cmd = [sys.executable, str(ROOT / "pipeline/evaluate.py"), "--params", "params.yaml", "--models", "models/train",
+           "--prepared", "data/prepared", "--splits", "data/splits", "--results", "results/evaluate"]
+    proc = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+def test_metrics_keys_per_domain_init_shot_and_mean(ws: Path) -> None:
+    m = read_json(ws / "results/evaluate/metrics.json")
+    for init in [*INITS, *(f"{i}_noadapt" for i in INITS)]:
+        for k in SHOTS:
+            for d in TEST_DOMAINS:
+                for field in ("miou", "fbiou", "episode_miou"):
+                    assert 0 <= m[f"{d}.{init}.shot{k}.{field}"] <= 100, (d, init, k, field)
+                # a half-width, not a score: with a handful of episodes t(0.975, n-1) makes it exceed 100
+                assert math.isfinite(m[f"{d}.{init}.shot{k}.ci95"]) and m[f"{d}.{init}.shot{k}.ci95"] >= 0
+            assert m[f"mean.{init}.shot{k}.miou"] == pytest.approx(
+                sum(m[f"{d}.{init}.shot{k}.miou"] for d in TEST_DOMAINS) / len(TEST_DOMAINS), abs=1e-3)
+    assert m["speed.episodes_per_s"] > 0 and "claim.delta_points" in m
+
+
+def test_report_table_and_plot_files(ws: Path) -> None:
+    out = ws / "results/evaluate"
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| domain | K | fomaml | transfer | scratch | winner | CI vs runner-up |" in report
+    for d in TEST_DOMAINS:
+        assert f"| {d} | 1 |" in report and f"| {d} | 2 |" in report
+    assert "Claim check (1-shot" in report and ("MET." in report)
+    with open(out / "plots/curve.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["init"], int(r["shot"]), int(r["step"])) for r in rows} == {
+        (i, k, s) for i in INITS for k in SHOTS for s in range(STEPS + 1)}
+    for name in ("shots.csv", "domains.csv", *(f"{d}_overlays.png" for d in TEST_DOMAINS)):
+        assert (out / "plots" / name).stat().st_size > 0, name
+    # step 0 of the curve is the no-adaptation score
+    m = read_json(out / "metrics.json")
+    step0 = {(r["init"], r["shot"]): float(r["miou"]) for r in rows if r["step"] == "0"}
+    assert step0[("fomaml", "1")] == pytest.approx(m["mean.fomaml_noadapt.shot1.miou"], abs=1e-3)
+
+
+def _run(ws: Path, episodes: dict) -> EvalResult:
+    init = fast_adapt.load_init(ws / "models/train/fomaml.pt")
+    return evaluate_inits(PreparedDataset(ws / "data/prepared"), episodes, {"fomaml": init}, domains=["xray"],
+                          shots=[1], settings=AdaptSettings(steps=1), device=torch.device("cpu"), seed=SEED,
+                          progress=False)
+
+
+def test_stored_episodes_are_the_ones_used_and_runs_repeat(ws: Path) -> None:
+    episodes = load_episodes(ws / "data/splits/episodes.json")
+    a, b = _run(ws, episodes), _run(ws, episodes)
+    ea, eb = a.curves[("xray", "fomaml", 1)], b.curves[("xray", "fomaml", 1)]
+    assert [s.per_episode for s in ea] == [s.per_episode for s in eb]  # same episodes, same numbers
+    # swap the query of the first stored episode for another test image: its score changes, the other's doesn't
+    first = episodes["xray"][1][0]
+    test = load_splits(ws / "data/splits/splits.json")["pools"]["xray"]["test"]
+    other = next(i for i in test if i not in first.query)
+    changed = {**episodes, "xray": {1: [dataclasses.replace(first, query=(other,)), *episodes["xray"][1][1:]]}}
+    c = _run(ws, changed).curves[("xray", "fomaml", 1)][-1]
+    assert c.per_episode[0] != ea[-1].per_episode[0]
+    assert c.per_episode[1:] == ea[-1].per_episode[1:]

@@ -1,0 +1,66 @@
+"""export.onnx_export: round trip at two shapes, metadata and card read back, sizes, checker errors in one line."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.onnx_export import ExportError, params_hash, verify
+from metaseg.models.adapted import load_adapted
+from tests.onnx_helpers import ALGORITHM, CLASS_NAMES, DOMAIN, SIZE, bundle, export_config
+
+
+@pytest.mark.parametrize("shape", [(1, 3, SIZE, SIZE), (2, 3, 80, 104)])
+def test_fp32_round_trip_matches_torch(shape: tuple[int, ...]) -> None:
+    b = bundle()
+    model, _ = load_adapted(b.adapted)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)["out"].numpy()
+    sess = ort.InferenceSession(str(b.onnx_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    assert got.shape == want.shape == (shape[0], len(CLASS_NAMES), shape[2], shape[3])
+    assert np.abs(want).max() > 1.0  # a trained model, not near-zero logits
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_metadata_and_fp32_io(precision: str) -> None:
+    b = bundle()
+    sess = ort.InferenceSession(str(b.onnx_dir / f"model.{precision}.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == sess.get_outputs()[0].type == "tensor(float)"
+    assert [str(d) for d in sess.get_inputs()[0].shape[1:2]] == ["3"]
+    props = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(props["class_names"]) == CLASS_NAMES
+    assert json.loads(props["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    provenance = (props["image_size"], props["domain"], props["algorithm"], props["shots"])
+    assert provenance == (str(SIZE), DOMAIN, ALGORITHM, "5")
+    assert (props["input_layout"], props["input_dtype"], props["precision"]) == ("NCHW", "float32", precision)
+    assert props["params_sha256"] == params_hash({"export": export_config()})
+    assert props["git_commit"]
+
+
+def test_card_and_sizes() -> None:
+    b = bundle()
+    card = json.loads((b.onnx_dir / "card.json").read_text())
+    assert card["class_names"] == CLASS_NAMES and card["provenance"]["domain"] == DOMAIN
+    for precision, entry in card["files"].items():
+        data = (b.onnx_dir / entry["file"]).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest(), precision
+    assert "export/infer.py" in card["how_to_run"]
+    assert b.export_metrics["fp16_over_fp32"] <= 0.52
+    assert b.export_metrics["int8_over_fp32"] <= 0.30
+
+
+def test_checker_failure_is_one_line() -> None:
+    node = onnx.helper.make_node("Relu", ["missing"], ["y"])
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    with pytest.raises(ExportError) as err:
+        verify(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), "broken.onnx")
+    assert "\n" not in str(err.value) and str(err.value).startswith("broken.onnx: ONNX check failed")
