@@ -27,9 +27,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from metaseg.cli import InputError
-from metaseg.data.importing import (BadFile, DomainBuilder, Issues, check_same_size, fit, list_images, read_image,
-                                    read_mask, require_class_pixels, require_dir)
+from metaseg.data.importing import (BadFile, DomainBuilder, Issues, check_same_size, fit, import_subfolders,
+                                    list_images, read_image, read_mask, require_class_pixels)
 from metaseg.data.prepared import IGNORE, DomainData
 
 log = logging.getLogger(__name__)
@@ -156,17 +155,6 @@ def import_folder(root: Path, *, image_size: int, resize: str, on_error: str, do
 
     ``max_images``: keep the first N usable images per domain in sorted stem order (a skipped file does not count).
     """
-    require_dir(root)
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
-        raise InputError(f"prepare.root: no domain folders in '{root}' (expected <root>/<domain>/images/)")
-    missing = [d for d in domains if d not in found]
-    if missing:
-        raise InputError(f"prepare.domains: '{missing[0]}' is not a folder in '{root}' (has: {', '.join(found)})")
-    issues = Issues(on_error, root)
-    out = []
-    for name in (sorted(set(domains)) if domains else found):
-        domain = _import_domain(root, name, issues, image_size, resize, max_images, progress)
-        if domain is not None:
-            out.append(domain)
-    return out, issues.skipped
+    return import_subfolders(root, _import_domain, kind="domain", layout="<root>/<domain>/images/",
+                             image_size=image_size, resize=resize, on_error=on_error, domains=domains,
+                             max_images=max_images, progress=progress)

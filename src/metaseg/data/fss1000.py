@@ -15,9 +15,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from metaseg.cli import InputError
 from metaseg.data.importing import (DECODE_ERRORS, BadFile, DomainBuilder, Issues, check_same_size, describe, fit,
-                                    read_image, require_class_pixels, require_dir)
+                                    import_subfolders, read_image, require_class_pixels)
 from metaseg.data.prepared import DomainData
 
 
@@ -61,17 +60,6 @@ def _import_class(root: Path, name: str, issues: Issues, size: int, resize: str,
 def import_fss1000(root: Path, *, image_size: int, resize: str, on_error: str, domains: list[str],
                    max_images: int | None = None, progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
     """Every (or each listed) class folder under ``root`` as a one-class domain; returns domains and skipped files."""
-    require_dir(root)
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
-        raise InputError(f"prepare.root: no class folders in '{root}' (expected <root>/<class>/<n>.jpg + .png)")
-    missing = [d for d in domains if d not in found]
-    if missing:
-        raise InputError(f"prepare.domains: '{missing[0]}' is not a class folder in '{root}'")
-    issues = Issues(on_error, root)
-    out = []
-    for name in (sorted(set(domains)) if domains else found):
-        domain = _import_class(root, name, issues, image_size, resize, max_images, progress)
-        if domain is not None:
-            out.append(domain)
-    return out, issues.skipped
+    return import_subfolders(root, _import_class, kind="class", layout="<root>/<class>/<n>.jpg + .png",
+                             image_size=image_size, resize=resize, on_error=on_error, domains=domains,
+                             max_images=max_images, progress=progress)

@@ -7,6 +7,7 @@ Per-file checks raise ``BadFile`` inside the importer's loop, which hands it to 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,3 +157,31 @@ def list_images(folder: Path) -> dict[str, list[Path]]:
 def require_dir(path: Path, key: str = "prepare.root") -> None:
     if not path.is_dir():
         raise InputError(f"{key}: '{path}' is not an existing folder")
+
+
+ImportOne = Callable[[Path, str, Issues, int, str, int | None, bool], DomainData | None]
+
+
+def import_subfolders(root: Path, import_one: ImportOne, *, kind: str, layout: str, image_size: int, resize: str,
+                      on_error: str, domains: list[str], max_images: int | None,
+                      progress: bool) -> tuple[list[DomainData], list[dict[str, str]]]:
+    """Run ``import_one`` on every (or each listed) sub-folder of ``root``, one domain per folder, in sorted order.
+
+    ``kind`` names the folders in messages ("domain", "class"), ``layout`` is the expected layout shown when none
+    is found. Returns the usable domains and the skipped files.
+    """
+    require_dir(root)
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise InputError(f"prepare.root: no {kind} folders in '{root}' (expected {layout})")
+    missing = [d for d in domains if d not in found]
+    if missing:
+        raise InputError(f"prepare.domains: '{missing[0]}' is not a {kind} folder in '{root}' "
+                         f"(has: {', '.join(found)})")
+    issues = Issues(on_error, root)
+    out = []
+    for name in (sorted(set(domains)) if domains else found):
+        domain = import_one(root, name, issues, image_size, resize, max_images, progress)
+        if domain is not None:
+            out.append(domain)
+    return out, issues.skipped
