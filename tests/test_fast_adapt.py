@@ -4,6 +4,7 @@ import torch
 from meta_helpers import BACKBONE, SIZE, task
 
 from metaseg.meta.fast_adapt import TrainedInit, adapt, init_to_dict, load_init, scratch_init
+from metaseg.meta.inner import forward
 from metaseg.models.adapted import plain_deeplab
 from metaseg.models.deeplab import head_names
 
@@ -54,3 +55,30 @@ def test_one_shot_every_path_and_roundtrip(tmp_path) -> None:
             assert torch.allclose(generic.predict_logits(x), model.predict_logits(x), atol=1e-4)
     proto0 = adapt(inits["protonet"], x, y, 2, steps=0)
     assert proto0.support_loss_after == proto0.support_loss_before
+
+
+def test_head_only_curve_predictions_equal_full_forward() -> None:
+    """The adaptation curve of a head-only init (ANIL) predicts from cached body features: the per-step
+    predictions must equal a full forward of the same per-step params, for a new query tensor too."""
+    base = _init()
+    anil = TrainedInit(**{**base.__dict__, "inner_lr": 0.5,
+                          "adapt_names": sorted(head_names(plain_deeplab(BACKBONE, 2, aux_loss=True)))})
+    x, y = task(2, 1, seed=3)
+    query, _ = task(2, 1, seed=4)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_step(step: int, model) -> None:
+        cached = model.predict_logits(query)
+        again = model.predict_logits(query)  # cache hit
+        full = forward(model.module, model.params, model.buffers, query)["out"]
+        seen.append((cached, full))
+        assert torch.equal(cached, again)
+        other = query.clone()  # a different tensor with equal values goes through the body again
+        assert torch.allclose(model.predict_logits(other), full, atol=1e-5)
+
+    final = adapt(anil, x, y, 1, steps=3, on_step=on_step)
+    assert len(seen) == 4
+    for cached, full in seen:
+        assert torch.allclose(cached, full, atol=1e-5)
+    assert not torch.allclose(seen[0][0], seen[-1][0])  # the head did change
+    assert torch.allclose(final.predict_logits(query), seen[-1][1], atol=1e-5)

@@ -98,19 +98,43 @@ def scratch_init(backbone: str, image_size: int, *, inner_lr: float, seed: int, 
                                "dice_weight": dice_weight})
 
 
+class BodyFeatureCache:
+    """The fixed body's features of the last input, shared by the per-step models of one head-only adaptation
+    (the adaptation curve predicts the same query after every step; only the 1x1 head changes). The input tensor
+    itself is kept and compared by identity, so a new tensor at a reused address can never hit a stale entry."""
+
+    def __init__(self, module: nn.Module, params: Params, buffers: Params) -> None:
+        self.module, self.params, self.buffers = module, params, buffers
+        self._x: Tensor | None = None
+        self._feats: dict[str, Tensor] = {}
+
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        if self._x is not x:
+            self._feats = deeplab_features(self.module, self.params, self.buffers, x)
+            self._x = x
+        return self._feats
+
+
 class AdaptedModel:
     """An adapted task model: params + task BN buffers over the shared skeleton."""
 
-    def __init__(self, module: nn.Module, params: Params, buffers: Params, backbone: str, num_classes: int) -> None:
+    def __init__(self, module: nn.Module, params: Params, buffers: Params, backbone: str, num_classes: int,
+                 body_cache: BodyFeatureCache | None = None) -> None:
         self.module, self.params, self.buffers = module, params, buffers
         self.backbone, self.num_classes = backbone, num_classes
         self.support_loss_before = float("nan")
         self.support_loss_after = float("nan")
+        self._body_cache = body_cache  # set only while the body params are the cache's (head-only adaptation)
 
     @torch.no_grad()
     def predict_logits(self, x: Tensor) -> Tensor:
         """[B, C+1, H, W] logits (eval BN with the task's support statistics)."""
-        out = forward(self.module, self.params, self.buffers, x)
+        if self._body_cache is not None:
+            head = HeadOnly(self.module, tuple(x.shape[-2:]))
+            names = [n for n, _ in head.named_parameters()]
+            out = forward(head, {n: self.params[n] for n in names}, {}, self._body_cache.features(x))
+        else:
+            out = forward(self.module, self.params, self.buffers, x)
         return out["out"] if isinstance(out, dict) else out
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -166,16 +190,20 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
                 xb, yb = xb[idx], yb[idx]
             return augment(xb, yb) if augment is not None else (xb, yb)
 
+    names = set(init.adapt_names) if init.adapt_names is not None else None
+    head_only = names is not None and names <= set(HEAD_NAMES) and batches is None
+    cache = BodyFeatureCache(module, params, buffers) if head_only and on_step is not None else None
+
     def wrap(step: int, p: Params) -> None:
         if on_step is not None:
             on_step(step, AdaptedModel(module, {k: v.detach() for k, v in p.items()}, buffers, init.backbone,
-                                       num_classes))
+                                       num_classes, body_cache=cache))
 
     losses: list[float] = []
-    names = set(init.adapt_names) if init.adapt_names is not None else None
     rates, clip = _rates(init, lr, num_classes, device), init.extras.get("inner_clip")
-    if names is not None and names <= set(HEAD_NAMES) and batches is None:
-        # head-only (ANIL): the body is fixed, so its features are computed once; same loop on the 1x1 convs
+    if head_only:
+        # head-only (ANIL, protonet): the body is fixed, so its features are computed once; same loop on the 1x1
+        # convs (and the per-step models of on_step predict from cached body features, see BodyFeatureCache)
         with torch.no_grad():
             feats = deeplab_features(module, params, buffers, support_x)
         head = HeadOnly(module, tuple(support_x.shape[-2:]))
@@ -191,7 +219,10 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
                           optimizer=optimizer, batches=batches, losses=losses, clip=clip)
     adapted = AdaptedModel(module, {k: v.detach() for k, v in fast.items()}, buffers, init.backbone, num_classes)
     with torch.no_grad():
-        after = float(loss_fn(forward(module, adapted.params, buffers, support_x), support_y))
+        if head_only:  # same value, from the cached support features
+            after = float(loss_fn(forward(head, {k: adapted.params[k] for k in fast_head}, {}, feats), support_y))
+        else:
+            after = float(loss_fn(forward(module, adapted.params, buffers, support_x), support_y))
     adapted.support_loss_before = losses[0] if losses and batches is None else (after if steps == 0 else float("nan"))
     if steps > 0 and batches is not None:
         with torch.no_grad():
