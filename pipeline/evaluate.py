@@ -37,7 +37,8 @@ def main(args: argparse.Namespace) -> None:
                        image_size=dataset.image_size, inner_lr=cfg["adapt"].scratch_lr, seed=base.seed)
     result = evaluate_inits(dataset, episodes, inits, domains=domains, shots=shots,
                             settings=AdaptSettings.from_config(cfg["adapt"]), device=device, seed=base.seed,
-                            ci=ev.ci, bootstrap_samples=ev.bootstrap_samples, overlay_images=ev.overlay_images)
+                            ci=ev.ci, bootstrap_samples=ev.bootstrap_samples, overlay_images=ev.overlay_images,
+                            workers=ev.workers)
     metrics = write_outputs(result, Path(args.results), domains=domains, shots=shots, inits=list(inits),
                             meta_algs=[a for a in algorithms if a != "transfer"], no_adapt=ev.no_adapt, ci=ev.ci,
                             bootstrap_samples=ev.bootstrap_samples, seed=base.seed)

@@ -91,3 +91,37 @@ def test_stored_episodes_are_the_ones_used_and_runs_repeat(ws: Path) -> None:
     c = _run(ws, changed).curves[("xray", "fomaml", 1)][-1]
     assert c.per_episode[0] != ea[-1].per_episode[0]
     assert c.per_episode[1:] == ea[-1].per_episode[1:]
+
+
+def test_worker_processes_give_the_one_process_numbers(ws: Path) -> None:
+    """evaluate.workers spreads (domain, K) units over spawned processes: same scores, same order, same overlays."""
+    episodes = load_episodes(ws / "data/splits/episodes.json")
+    episodes = {d: {k: eps[:2] for k, eps in per_k.items()} for d, per_k in episodes.items()}
+    inits = {"fomaml": fast_adapt.load_init(ws / "models/train/fomaml.pt"),
+             "transfer": fast_adapt.load_init(ws / "models/train/transfer.pt")}
+    torch.set_num_threads(1)
+    kw = dict(domains=TEST_DOMAINS, shots=SHOTS, settings=AdaptSettings(steps=1), device=torch.device("cpu"),
+              seed=SEED, progress=False, overlay_images=1)
+    one = evaluate_inits(PreparedDataset(ws / "data/prepared"), episodes, inits, workers=1, **kw)
+    two = evaluate_inits(PreparedDataset(ws / "data/prepared"), episodes, inits, workers=2, **kw)
+    assert list(one.curves) == list(two.curves)
+    for key in one.curves:
+        assert [s.per_episode for s in one.curves[key]] == [s.per_episode for s in two.curves[key]], key
+        assert [s.miou for s in one.curves[key]] == [s.miou for s in two.curves[key]], key
+    assert one.diverged == two.diverged
+    for d in TEST_DOMAINS:
+        assert [o.caption for o in one.overlays[d]] == [o.caption for o in two.overlays[d]]
+        for a, b in zip(one.overlays[d], two.overlays[d]):
+            assert a.preds.keys() == b.preds.keys() and all((a.preds[n] == b.preds[n]).all() for n in a.preds)
+
+
+def test_a_failing_worker_is_an_error_not_a_hang(ws: Path) -> None:
+    episodes = load_episodes(ws / "data/splits/episodes.json")
+    bad = {d: {k: eps[:1] for k, eps in per_k.items()} for d, per_k in episodes.items()}
+    first = bad[TEST_DOMAINS[0]][SHOTS[0]][0]
+    bad[TEST_DOMAINS[0]][SHOTS[0]] = [dataclasses.replace(first, query=(10 ** 6,))]  # no such image
+    init = {"fomaml": fast_adapt.load_init(ws / "models/train/fomaml.pt")}
+    with pytest.raises(RuntimeError, match="evaluate worker failed"):
+        evaluate_inits(PreparedDataset(ws / "data/prepared"), bad, init, domains=TEST_DOMAINS, shots=SHOTS,
+                       settings=AdaptSettings(steps=1), device=torch.device("cpu"), seed=SEED, progress=False,
+                       workers=2)

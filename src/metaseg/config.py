@@ -150,6 +150,7 @@ class EvaluateConfig(_Section):
     bootstrap_samples: int = Field(1000, ge=100)
     overlay_images: int = Field(4, ge=0)  # query images per domain in the prediction-overlay PNG grid
     max_episodes: int | None = Field(None, ge=2)  # use the first N stored episodes per domain and K (null = all)
+    workers: int = Field(2, ge=1)  # CPU: processes evaluating (domain, K) units side by side (CUDA: always 1)
 
 
 class ExportConfig(_Section):

@@ -13,10 +13,16 @@ per-episode mean with its 95% CI half-width.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import pickle
+import queue as queue_mod
 import time
+import traceback
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,69 +79,174 @@ def episode_seed(seed: int, domain: str, shot: int, index: int) -> int:
     return int(ss.generate_state(1)[0])
 
 
+Unit = tuple[str, int]  # (domain, K): the work of one worker task, keys of its scores disjoint from the others'
+
+
+@dataclass
+class _UnitResult:
+    unit: Unit
+    scorers: dict[tuple[str, str, int], list[DomainScorer]]
+    diverged: dict[tuple[str, str, int], int]
+    overlays: dict[str, list[Overlay]]
+    init_time: dict[str, float]
+
+
+def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dict[str, fast_adapt.TrainedInit],
+                   unit: Unit, *, settings: AdaptSettings, device: torch.device, seed: int, overlay_images: int,
+                   overlay_shot: int, tick: Callable[[], None]) -> _UnitResult:
+    """Every init on every stored episode of one (domain, K); ``tick()`` after each episode."""
+    d, k = unit
+    domain = dataset.domain(d)
+    out = _UnitResult(unit, {}, {}, {d: []}, {name: 0.0 for name in inits})
+    overlays = out.overlays[d]
+    diverged: dict[str, torch.Tensor] = {}
+    for name in inits:
+        out.scorers[(d, name, k)] = [DomainScorer(domain.num_classes, device) for _ in range(settings.steps + 1)]
+        diverged[name] = torch.zeros((), dtype=torch.int64, device=device)
+    for i, ep in enumerate(episodes):
+        batch = episode_batch(domain, ep).to(device)
+        keep = bool(overlay_images > 0 and k == overlay_shot and len(overlays) < overlay_images and ep.query)
+        if keep:
+            names = "+".join(domain.class_names[c - 1] for c in ep.class_ids)
+            overlays.append(Overlay(d, k, np.asarray(domain.images[ep.query[0]]),
+                                    batch.query_y[0].to("cpu", torch.uint8).numpy(), ep.class_ids,
+                                    f"episode {i}: {names}"))
+        for name, init in inits.items():
+            t0 = time.perf_counter()
+            curve = out.scorers[(d, name, k)]
+
+            def on_step(step: int, model: fast_adapt.AdaptedModel, curve: list[DomainScorer] = curve,
+                        name: str = name) -> None:
+                with torch.no_grad():
+                    logits = model.predict_logits(batch.query_x)
+                pred = logits.argmax(1)
+                curve[step].add(ep.class_ids, pred, batch.query_y)
+                if step == settings.steps:  # non-finite logits: the adaptation blew up (lr too high)
+                    diverged[name] += (~torch.isfinite(logits)).any()
+                if keep and step == settings.steps:
+                    overlays[-1].preds[name] = pred[0].to("cpu", torch.uint8).numpy()
+
+            run_adapt(init, batch.support_x, batch.support_y, len(ep.class_ids), settings=settings,
+                      seed=episode_seed(seed, d, k, i), image_size=int(domain.images.shape[1]), on_step=on_step)
+            out.init_time[name] += time.perf_counter() - t0
+        tick()
+    out.diverged = {(d, name, k): int(v) for name, v in diverged.items()}
+    return out
+
+
+def _worker(queue: Any, root: str, work: list[tuple[Unit, list[Episode]]], inits_blob: bytes,
+            kwargs: dict[str, Any], threads: int) -> None:
+    """Process-pool worker (spawned): its units in order; puts ("tick",), then ("done", results) or ("error", text).
+
+    Tensors cross the process boundary as plain pickle bytes: torch's multiprocessing pickler would share them
+    through file descriptors that vanish when the worker exits before the parent reads them."""
+    try:
+        torch.set_num_threads(threads)
+        dataset = PreparedDataset(root)
+        inits = pickle.loads(inits_blob)
+        results = [_evaluate_unit(dataset, eps, inits, unit, tick=lambda: queue.put(("tick",)), **kwargs)
+                   for unit, eps in work]
+        queue.put(("done", pickle.dumps(results)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        queue.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def _run_parallel(dataset: PreparedDataset, work: list[tuple[Unit, list[Episode]]],
+                  inits: dict[str, fast_adapt.TrainedInit], kwargs: dict[str, Any], workers: int,
+                  tick: Callable[[], None]) -> list[_UnitResult]:
+    """Spread the units over ``workers`` spawned processes (largest K first, round-robin), each with
+    cores / workers threads. Small CPU batches use two threads poorly, so two 1-thread workers do more per second."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    order = sorted(range(len(work)), key=lambda i: -work[i][0][1])
+    shares: list[list[tuple[Unit, list[Episode]]]] = [[] for _ in range(workers)]
+    for j, i in enumerate(order):
+        shares[j % workers].append(work[i])
+    threads = max(1, torch.get_num_threads() // workers)
+    blob = pickle.dumps(inits)
+    procs = [ctx.Process(target=_worker, args=(queue, str(dataset.root), share, blob, kwargs, threads), daemon=True)
+             for share in shares if share]
+    for proc in procs:
+        proc.start()
+    results: list[_UnitResult] = []
+    done = 0
+    try:
+        while done < len(procs):
+            try:
+                msg = queue.get(timeout=5.0)
+            except queue_mod.Empty:
+                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                if dead:
+                    raise RuntimeError(f"an evaluate worker died (exit code {dead[0].exitcode})") from None
+                continue
+            if msg[0] == "tick":
+                tick()
+            elif msg[0] == "done":
+                results += pickle.loads(msg[1])
+                done += 1
+            else:
+                raise RuntimeError(f"an evaluate worker failed: {msg[1]}")
+    finally:
+        for proc in procs:
+            if proc.is_alive() and done < len(procs):
+                proc.terminate()
+            proc.join()
+    return results
+
+
 def evaluate_inits(dataset: PreparedDataset, episodes: dict[str, dict[int, list[Episode]]],
                    inits: dict[str, fast_adapt.TrainedInit], *, domains: list[str], shots: list[int],
                    settings: AdaptSettings, device: torch.device, seed: int, ci: str = "t",
-                   bootstrap_samples: int = 1000, overlay_images: int = 0, progress: bool = True) -> EvalResult:
-    """Run every init on every stored episode of ``domains`` x ``shots``; returns per-step scores for each."""
+                   bootstrap_samples: int = 1000, overlay_images: int = 0, progress: bool = True,
+                   workers: int = 1) -> EvalResult:
+    """Run every init on every stored episode of ``domains`` x ``shots``; returns per-step scores for each.
+
+    ``workers`` > 1 (CPU only) evaluates the (domain, K) units in that many spawned processes; every episode's
+    randomness depends on (seed, domain, K, index) only, so the scores equal a one-process run with the same
+    threads per process.
+    """
     for d in domains:
         if d not in episodes:
             raise InputError(f"domain '{d}' has no stored episodes (episodes.json has: {', '.join(episodes)})")
         for k in shots:
             if k not in episodes[d]:
                 raise InputError(f"domain '{d}' has no stored {k}-shot episodes (has K = {sorted(episodes[d])})")
-    scorers: dict[tuple[str, str, int], list[DomainScorer]] = {}
-    diverged: dict[tuple[str, str, int], torch.Tensor] = {}
-    overlays: dict[str, list[Overlay]] = {d: [] for d in domains}
-    overlay_shot = min(shots)
-    init_time = {name: 0.0 for name in inits}
-    total = sum(len(episodes[d][k]) for d in domains for k in shots)
+    work = [((d, k), episodes[d][k]) for d in domains for k in shots]
+    kwargs = {"settings": settings, "device": device, "seed": seed, "overlay_images": overlay_images,
+              "overlay_shot": min(shots)}
+    total = sum(len(eps) for _, eps in work)
     bar = tqdm(total=total, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    for d in domains:
-        domain = dataset.domain(d)
-        for k in shots:
-            for name in inits:
-                scorers[(d, name, k)] = [DomainScorer(domain.num_classes, device) for _ in range(settings.steps + 1)]
-                diverged[(d, name, k)] = torch.zeros((), dtype=torch.int64, device=device)
-            for i, ep in enumerate(episodes[d][k]):
-                batch = episode_batch(domain, ep).to(device)
-                keep = bool(overlay_images > 0 and k == overlay_shot and len(overlays[d]) < overlay_images and ep.query)
-                if keep:
-                    names = "+".join(domain.class_names[c - 1] for c in ep.class_ids)
-                    overlays[d].append(Overlay(d, k, np.asarray(domain.images[ep.query[0]]),
-                                               batch.query_y[0].to("cpu", torch.uint8).numpy(), ep.class_ids,
-                                               f"episode {i}: {names}"))
-                for name, init in inits.items():
-                    t0 = time.perf_counter()
-                    curve = scorers[(d, name, k)]
-
-                    def on_step(step: int, model: fast_adapt.AdaptedModel, curve: list[DomainScorer] = curve,
-                                name: str = name) -> None:
-                        with torch.no_grad():
-                            logits = model.predict_logits(batch.query_x)
-                        pred = logits.argmax(1)
-                        curve[step].add(ep.class_ids, pred, batch.query_y)
-                        if step == settings.steps:  # non-finite logits: the adaptation blew up (lr too high)
-                            diverged[(d, name, k)] += (~torch.isfinite(logits)).any()
-                        if keep and step == settings.steps:
-                            overlays[d][-1].preds[name] = pred[0].to("cpu", torch.uint8).numpy()
-
-                    run_adapt(init, batch.support_x, batch.support_y, len(ep.class_ids), settings=settings,
-                              seed=episode_seed(seed, d, k, i), image_size=int(domain.images.shape[1]),
-                              on_step=on_step)
-                    init_time[name] += time.perf_counter() - t0
-                bar.update(1)
+    workers = min(workers, len(work)) if device.type == "cpu" else 1
+    if workers > 1:
+        results = _run_parallel(dataset, work, inits, kwargs, workers, lambda: bar.update(1))
+    else:
+        results = [_evaluate_unit(dataset, eps, inits, unit, tick=lambda: bar.update(1), **kwargs)
+                   for unit, eps in work]
     bar.close()
     elapsed = time.perf_counter() - start
+    scorers: dict[tuple[str, str, int], list[DomainScorer]] = {}
+    failed: dict[tuple[str, str, int], int] = {}
+    overlays: dict[str, list[Overlay]] = {d: [] for d in domains}
+    init_time = {name: 0.0 for name in inits}
+    by_unit = {r.unit: r for r in results}
+    for d in domains:  # the one-process order, whatever order the workers finished in
+        for k in shots:
+            r = by_unit[(d, k)]
+            for name in inits:
+                scorers[(d, name, k)] = r.scorers[(d, name, k)]
+                failed[(d, name, k)] = r.diverged[(d, name, k)]
+            overlays[d] += r.overlays[d]
+    for r in results:
+        for name, t in r.init_time.items():
+            init_time[name] += t
     curves = {key: [s.summary(ci=ci, bootstrap_samples=bootstrap_samples, seed=seed) for s in per_step]
               for key, per_step in scorers.items()}
     speed = {"episodes_per_s": total / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "episodes": float(total)}
-    for name, t in init_time.items():
+    for name, t in init_time.items():  # per-init figures are per process (workers run side by side)
         speed[f"{name}.episodes_per_s"] = total / t if t > 0 else 0.0
-    log.info("evaluated %d episodes x %d inits in %.1f s (%.2f episodes/s)", total, len(inits), elapsed,
-             speed["episodes_per_s"])
-    failed = {key: int(v) for key, v in diverged.items()}
+    log.info("evaluated %d episodes x %d inits in %.1f s (%.2f episodes/s, %d process%s)", total, len(inits),
+             elapsed, speed["episodes_per_s"], workers, "es" if workers > 1 else "")
     for (d, name, k), n in failed.items():
         if n:
             log.warning("%s / %s / %d-shot: %d of %d adapted models gave non-finite logits (adaptation diverged; "
