@@ -31,6 +31,7 @@ from torch import nn  # noqa: E402
 
 from metaseg.data.prepared import PreparedDataset  # noqa: E402
 from metaseg.data.sampler import normalise  # noqa: E402
+from metaseg.meta.algorithms import foreground_miou  # noqa: E402
 from metaseg.meta.inner import forward, seg_loss, task_buffers  # noqa: E402
 from metaseg.models.deeplab import build_model  # noqa: E402
 
@@ -65,12 +66,11 @@ def main() -> None:
 
     def labels(masks: np.ndarray) -> torch.Tensor:
         y = torch.from_numpy(masks.astype(np.int64))
-        y = torch.where(y == 255, y, y.clamp(max=num_fg + 1))  # labels > C (none in synthetic) -> ignored below
         return torch.where((y > 0) & (y != 255), torch.ones_like(y), y) if args.task == "objects" else y
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        picks = [(ds.domain(train[rng.integers(len(train))]), 0) for _ in range(args.batch)]
-        idx = [(d, int(rng.integers(len(d)))) for d, _ in picks]
+        domains = [ds.domain(train[rng.integers(len(train))]) for _ in range(args.batch)]
+        idx = [(d, int(rng.integers(len(d)))) for d in domains]
         return (normalise(np.stack([d.images[i] for d, i in idx])), labels(np.stack([d.masks[i] for d, i in idx])))
 
     fixed = {}
@@ -79,14 +79,6 @@ def main() -> None:
         idx = np.arange(len(d))[-16:]
         fixed[name] = (normalise(d.images[idx]), labels(d.masks[idx]))
 
-    def fg_iou(logits: torch.Tensor, y: torch.Tensor) -> float:
-        pred, valid, ious = logits.argmax(1), y != 255, []
-        for c in range(1, num_fg + 1):
-            union = int((((pred == c) | (y == c)) & valid).sum())
-            if union:
-                ious.append(int(((pred == c) & (y == c) & valid).sum()) / union)
-        return float(np.mean(ious)) if ious else float("nan")
-
     def evaluate() -> dict[str, float]:
         model.eval()
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
@@ -94,7 +86,7 @@ def main() -> None:
         with torch.no_grad():
             for name, (x, y) in fixed.items():
                 tb = task_buffers(model, params, buffers, x[:5])
-                out[name] = fg_iou(forward(model, params, tb, x)["out"], y)
+                out[name] = foreground_miou(forward(model, params, tb, x)["out"], y, num_fg)
         return out
 
     print(f"task={args.task} classes={num_fg} train={','.join(train)} batch={args.batch} lr={args.lr} "

@@ -84,10 +84,12 @@ Unit = tuple[str, int]  # (domain, K): the work of one worker task, keys of its 
 
 @dataclass
 class _UnitResult:
+    """One (domain, K) unit's output, keyed by init name."""
+
     unit: Unit
-    scorers: dict[tuple[str, str, int], list[DomainScorer]]
-    diverged: dict[tuple[str, str, int], int]
-    overlays: dict[str, list[Overlay]]
+    scorers: dict[str, list[DomainScorer]]  # per step
+    diverged: dict[str, int]
+    overlays: list[Overlay]
     init_time: dict[str, float]
 
 
@@ -97,11 +99,11 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
     """Every init on every stored episode of one (domain, K); ``tick()`` after each episode."""
     d, k = unit
     domain = dataset.domain(d)
-    out = _UnitResult(unit, {}, {}, {d: []}, {name: 0.0 for name in inits})
-    overlays = out.overlays[d]
+    out = _UnitResult(unit, {}, {}, [], {name: 0.0 for name in inits})
+    overlays = out.overlays
     diverged: dict[str, torch.Tensor] = {}
     for name in inits:
-        out.scorers[(d, name, k)] = [DomainScorer(domain.num_classes, device) for _ in range(settings.steps + 1)]
+        out.scorers[name] = [DomainScorer(domain.num_classes, device) for _ in range(settings.steps + 1)]
         diverged[name] = torch.zeros((), dtype=torch.int64, device=device)
     for i, ep in enumerate(episodes):
         batch = episode_batch(domain, ep).to(device)
@@ -113,7 +115,7 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
                                     f"episode {i}: {names}"))
         for name, init in inits.items():
             t0 = time.perf_counter()
-            curve = out.scorers[(d, name, k)]
+            curve = out.scorers[name]
 
             def on_step(step: int, model: fast_adapt.AdaptedModel, curve: list[DomainScorer] = curve,
                         name: str = name) -> None:
@@ -130,7 +132,7 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
                       seed=episode_seed(seed, d, k, i), image_size=int(domain.images.shape[1]), on_step=on_step)
             out.init_time[name] += time.perf_counter() - t0
         tick()
-    out.diverged = {(d, name, k): int(v) for name, v in diverged.items()}
+    out.diverged = {name: int(v) for name, v in diverged.items()}
     return out
 
 
@@ -234,9 +236,9 @@ def evaluate_inits(dataset: PreparedDataset, episodes: dict[str, dict[int, list[
         for k in shots:
             r = by_unit[(d, k)]
             for name in inits:
-                scorers[(d, name, k)] = r.scorers[(d, name, k)]
-                failed[(d, name, k)] = r.diverged[(d, name, k)]
-            overlays[d] += r.overlays[d]
+                scorers[(d, name, k)] = r.scorers[name]
+                failed[(d, name, k)] = r.diverged[name]
+            overlays[d] += r.overlays
     for r in results:
         for name, t in r.init_time.items():
             init_time[name] += t
