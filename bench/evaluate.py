@@ -1,9 +1,11 @@
 """Throughput of the evaluate loop (episodes/s per init, K = 1 and K = 5) on a small synthetic fixture.
 
 python bench/evaluate.py [--size 128] [--episodes 4] [--steps 10] [--queries 2] [--threads 2]
+                         [--backbone mobilenet_v3_large]
 
-Inits are seeded random models in two adaptation modes that bracket the real algorithms: ``full`` (every
-parameter adapts: fomaml, maml, reptile, transfer, scratch; protonet/metasgd similar) and ``head`` (ANIL).
+Inits are seeded random models (``--backbone``, the train loss defaults) in two adaptation modes that bracket
+the real algorithms: ``full`` (every parameter adapts: fomaml, maml, reptile, transfer, scratch; protonet/metasgd
+similar) and ``head`` (ANIL).
 Each row runs the real loop (episode assembly once, adaptation through fast_adapt, query prediction at every
 step for the curve). The last lines extrapolate to a full evaluate stage (domains x inits x K x episodes).
 """
@@ -22,12 +24,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from metaseg.adapt import AdaptSettings  # noqa: E402
-from metaseg.config import SplitsConfig  # noqa: E402
+from metaseg.config import SplitsConfig, TrainConfig  # noqa: E402
 from metaseg.data.prepared import PreparedDataset, write_prepared  # noqa: E402
 from metaseg.data.splits import make_splits  # noqa: E402
 from metaseg.data.synthetic import generate_domain  # noqa: E402
 from metaseg.evaluate import evaluate_inits  # noqa: E402
 from metaseg.meta import fast_adapt  # noqa: E402
+from metaseg.models.backbones import BACKBONES  # noqa: E402
 from metaseg.models.deeplab import HEAD_NAMES  # noqa: E402
 
 
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--backbone", choices=BACKBONES, default="mobilenet_v3_large")
     ap.add_argument("--full-inits", type=int, default=4, help="extrapolation: inits that adapt every parameter")
     ap.add_argument("--head-inits", type=int, default=1, help="extrapolation: head-only inits (ANIL)")
     ap.add_argument("--domains", type=int, default=2, help="extrapolation: meta-test domains")
@@ -57,10 +61,14 @@ def run(root: Path, args: argparse.Namespace) -> None:
     cfg = SplitsConfig(meta_train=["meadow"], meta_val=[], meta_test=["xray"], shots=args.shots,
                        episodes=args.episodes, queries=args.queries, support_pool=0.5, deploy_shots=1)
     episodes = make_splits(ds, cfg, seed=0).episodes
-    base = fast_adapt.scratch_init("mobilenet_v3_large", args.size, inner_lr=1e-4, seed=0)
+    t = TrainConfig()
+    loss = {"aux_weight": t.aux_weight, "dice_weight": t.dice_weight, "class_balance": t.class_balance,
+            "inner_clip": t.inner_clip}
+    base = fast_adapt.fresh_init("scratch", args.backbone, args.size, inner_lr=1e-4, seed=0, backbone_weights=None,
+                                 loss=loss)
     inits = {"full": base, "head": dataclasses.replace(base, adapt_names=list(HEAD_NAMES), inner_lr=0.05)}
-    print(f"evaluate loop, {args.size} px, steps {args.steps}, {args.queries} queries, {args.threads} threads, "
-          f"{args.episodes} episodes per row")
+    print(f"evaluate loop, {args.backbone}, {args.size} px, steps {args.steps}, {args.queries} queries, "
+          f"{args.threads} threads, {args.episodes} episodes per row")
     print(f"{'init':6} {'K':>3} {'episodes/s':>11} {'s/episode':>10}")
     per_ep: dict[tuple[str, int], float] = {}
     for name, init in inits.items():

@@ -1,6 +1,6 @@
-"""Export benchmark: ONNX Runtime vs PyTorch eager, DeepLabv3 mobilenet_v3_large at 1x3x256x256, side by side.
+"""Export benchmark: ONNX Runtime vs PyTorch eager, DeepLabv3 (mobilenet_v3_large by default) at 1x3x256x256.
 
-    python bench/export_latency.py [--size 256] [--runs 30] [--rounds 5]
+    python bench/export_latency.py [--size 256] [--runs 30] [--rounds 5] [--backbone mobilenet_v3_large]
 
 Prints a markdown table (device named in the header): ORT CPU latency / torch eager latency (goal <= 0.40) for several
 ORT session settings, file sizes fp16/fp32 (<= 0.52) and int8/fp32 (<= 0.30); with a CUDA GPU also ORT CUDA IO-binding
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import export_fp32, to_fp16, to_int8  # noqa: E402
 from export.runtime_check import BATCH, OrtRunner, choose_providers, confusion_matrix, strict_fp32  # noqa: E402
-from metaseg.models.adapted import MEAN, STD, plain_deeplab  # noqa: E402
+from metaseg.models.adapted import plain_deeplab  # noqa: E402
+from metaseg.models.backbones import BACKBONES, normalization  # noqa: E402
 
 NUM_CLASSES = 2
 
@@ -104,16 +105,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=physical_cores(),
                         help="torch threads and ORT intra-op threads of the tuned sessions (default: physical cores)")
+    parser.add_argument("--backbone", choices=BACKBONES, default="mobilenet_v3_large")
+    parser.add_argument("--output-stride", type=int, choices=(8, 16), default=16, help="EfficientNet-Lite only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = plain_deeplab("mobilenet_v3_large", NUM_CLASSES).eval()
+    model = plain_deeplab(args.backbone, NUM_CLASSES, output_stride=args.output_stride).eval()
+    mean, std = normalization(args.backbone)
     rng = np.random.default_rng(0)
     calib = rng.integers(0, 256, (4, args.size, args.size, 3), dtype=np.uint8)
     t0 = time.perf_counter()
     fp32 = export_fp32(model, opset=18, export_size=args.size)
     files = {"fp32": fp32.SerializeToString(), "fp16": to_fp16(fp32).SerializeToString(),
-             "int8": to_int8(fp32, calib, list(MEAN), list(STD)).SerializeToString()}
+             "int8": to_int8(fp32, calib, list(mean), list(std)).SerializeToString()}
     export_s = time.perf_counter() - t0
     rows: list[tuple[str, str, str, str]] = []
     size = {k: len(v) / 1e6 for k, v in files.items()}
@@ -146,7 +150,8 @@ def main() -> None:
         device += f"; GPU: {torch.cuda.get_device_name()}"
         torch.set_num_threads(physical_cores())
         rows += cuda_rows(model, files["fp32"], args)
-    print(f"\n### export latency: DeepLabv3 mobilenet_v3_large, 1x3x{args.size}x{args.size}\n")
+    stride = f", output stride {args.output_stride}" if args.backbone.startswith("efficientnet_lite") else ""
+    print(f"\n### export latency: DeepLabv3 {args.backbone}{stride}, 1x3x{args.size}x{args.size}\n")
     print(f"Device: {device}; torch {torch.__version__}, onnxruntime {ort.__version__}; export took {export_s:.1f} s\n")
     print("| metric | value | goal | met |\n|---|---|---|---|")
     for row in rows:

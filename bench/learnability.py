@@ -1,8 +1,10 @@
-"""Upper bound of what the default model learns in a CPU budget: plain supervised training, full labels.
+"""Upper bound of what a model learns in a CPU budget: plain supervised training, full labels.
 
 python bench/learnability.py [--task objects|classes] [--steps 400] [--batch 8] [--threads 2] [--every 50]
+                             [--backbone mobilenet_v3_large]
 
-Trains the default network (DeepLabv3 mobilenet_v3_large, random init, the project's model builder and loss)
+Trains a DeepLabv3 (``--backbone``, default mobilenet_v3_large, random init, the project's model builder and loss,
+inputs normalised as that backbone expects)
 on the pooled meta-train domains of ``data/prepared`` + ``data/splits`` (run ``make repro`` or ``dvc repro splits``
 first), with every label an episode could ever give it:
 
@@ -33,6 +35,7 @@ from metaseg.data.prepared import PreparedDataset  # noqa: E402
 from metaseg.data.sampler import normalise  # noqa: E402
 from metaseg.meta.algorithms import foreground_miou  # noqa: E402
 from metaseg.meta.inner import forward, seg_loss, task_buffers  # noqa: E402
+from metaseg.models.backbones import BACKBONES, normalization  # noqa: E402
 from metaseg.models.deeplab import build_model  # noqa: E402
 
 
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--prepared", default="data/prepared")
     ap.add_argument("--splits", default="data/splits/splits.json")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backbone", choices=BACKBONES, default="mobilenet_v3_large")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -58,7 +62,8 @@ def main() -> None:
     shown = [train[0], *roles["meta_val"], *roles["meta_test"]]
     num_fg = 1 if args.task == "objects" else max(ds.domain(d).num_classes for d in train)
 
-    model = build_model("mobilenet_v3_large", aux_loss=True)
+    model = build_model(args.backbone, aux_loss=True)
+    norm = normalization(args.backbone)
     if num_fg != 1:
         model.classifier[4] = nn.Conv2d(model.classifier[4].in_channels, num_fg + 1, 1)
         model.aux_classifier[4] = nn.Conv2d(model.aux_classifier[4].in_channels, num_fg + 1, 1)
@@ -71,13 +76,14 @@ def main() -> None:
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         domains = [ds.domain(train[rng.integers(len(train))]) for _ in range(args.batch)]
         idx = [(d, int(rng.integers(len(d)))) for d in domains]
-        return (normalise(np.stack([d.images[i] for d, i in idx])), labels(np.stack([d.masks[i] for d, i in idx])))
+        return (normalise(np.stack([d.images[i] for d, i in idx]), norm),
+                labels(np.stack([d.masks[i] for d, i in idx])))
 
     fixed = {}
     for name in shown:
         d = ds.domain(name)
         idx = np.arange(len(d))[-16:]
-        fixed[name] = (normalise(d.images[idx]), labels(d.masks[idx]))
+        fixed[name] = (normalise(d.images[idx], norm), labels(d.masks[idx]))
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -89,8 +95,8 @@ def main() -> None:
                 out[name] = foreground_miou(forward(model, params, tb, x)["out"], y, num_fg)
         return out
 
-    print(f"task={args.task} classes={num_fg} train={','.join(train)} batch={args.batch} lr={args.lr} "
-          f"threads={args.threads}; IoU on 16 images of: {', '.join(shown)}")
+    print(f"backbone={args.backbone} task={args.task} classes={num_fg} train={','.join(train)} batch={args.batch} "
+          f"lr={args.lr} threads={args.threads}; IoU on 16 images of: {', '.join(shown)}")
     t0 = time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.every == 0:

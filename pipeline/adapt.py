@@ -12,18 +12,19 @@ from pathlib import Path
 
 import torch
 
-from metaseg.adapt import AdaptSettings, adapt_deployment, resolve_init
+from metaseg.adapt import BASELINES, AdaptSettings, adapt_deployment, baseline_init
 from metaseg.cli import InputError, choose_device, run_stage, stage_parser
 from metaseg.config import load_config
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_deploy, load_splits
 from metaseg.io import write_json
+from metaseg.meta.fast_adapt import load_init
 
 log = logging.getLogger("adapt")
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = load_config(args.params, "base", "model", "adapt")
+    cfg = load_config(args.params, "base", "model", "train", "adapt")
     device = torch.device(choose_device(cfg["base"].device))
     splits_dir = Path(args.splits)
     deploy = load_deploy(splits_dir / "deploy.json")
@@ -32,8 +33,11 @@ def main(args: argparse.Namespace) -> None:
                          f"(meta-test domains: {', '.join(deploy) or 'none'})")
     test_pool = load_splits(splits_dir / "splits.json")["pools"][args.domain]["test"]
     dataset = PreparedDataset(args.prepared)
-    init = resolve_init(args.init, device, backbone=cfg["model"].backbone, image_size=dataset.image_size,
-                        inner_lr=cfg["adapt"].scratch_lr, seed=cfg["base"].seed)
+    if args.init in BASELINES:
+        init = baseline_init(args.init, model=cfg["model"], train=cfg["train"], image_size=dataset.image_size,
+                             scratch_lr=cfg["adapt"].scratch_lr, seed=cfg["base"].seed)
+    else:
+        init = load_init(args.init, device)
     metrics = adapt_deployment(dataset.domain(args.domain), deploy[args.domain], test_pool, init, Path(args.out),
                                settings=AdaptSettings.from_config(cfg["adapt"]), seed=cfg["base"].seed, device=device)
     write_json(Path(args.results) / "metrics.json", metrics)
@@ -42,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--init", required=True, help="trained init (models/train/<alg>.pt) or 'scratch'")
+    parser.add_argument("--init", required=True, help="trained init (models/train/<alg>.pt), 'scratch' or 'imagenet'")
     parser.add_argument("--domain", required=True, help="meta-test domain name")
     parser.add_argument("--prepared", required=True, help="prepared dataset folder (data/prepared)")
     parser.add_argument("--splits", required=True, help="splits folder (data/splits)")

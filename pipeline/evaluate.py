@@ -33,8 +33,8 @@ def main(args: argparse.Namespace) -> None:
         episodes = {d: {k: eps[:ev.max_episodes] for k, eps in per_k.items()} for d, per_k in episodes.items()}
     dataset = PreparedDataset(args.prepared)
     algorithms = list(cfg["train"].algorithms)
-    inits = load_inits(Path(args.models), algorithms, list(ev.inits), device, backbone=cfg["model"].backbone,
-                       image_size=dataset.image_size, inner_lr=cfg["adapt"].scratch_lr, seed=base.seed)
+    inits = load_inits(Path(args.models), algorithms, list(ev.inits), device, model=cfg["model"], train=cfg["train"],
+                       image_size=dataset.image_size, scratch_lr=cfg["adapt"].scratch_lr, seed=base.seed)
     result = evaluate_inits(dataset, episodes, inits, domains=domains, shots=shots,
                             settings=AdaptSettings.from_config(cfg["adapt"]), device=device, seed=base.seed,
                             ci=ev.ci, bootstrap_samples=ev.bootstrap_samples, overlay_images=ev.overlay_images,

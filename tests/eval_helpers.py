@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from meta_helpers import LOSS
 from metaseg.config import SplitsConfig
 from metaseg.data.prepared import PreparedDataset, write_prepared
 from metaseg.data.splits import make_splits, write_splits
@@ -29,12 +30,13 @@ SEED = 0
 def params(**sections: dict[str, object]) -> dict[str, dict[str, object]]:
     base: dict[str, dict[str, object]] = {
         "base": {"seed": SEED, "image_size": SIZE, "device": "cpu"},
-        "model": {"backbone": BACKBONE},
+        # the tiny random-init backbone, not the params default (Lite0 with ImageNet weights): fast stage tests
+        "model": {"backbone": BACKBONE, "backbone_weights": None, "bn_stats": "support"},
         "splits": {"meta_train": ["meadow"], "meta_val": [], "meta_test": TEST_DOMAINS, "shots": [1, 2],
                    "episodes": 2, "queries": 1, "support_pool": 0.5, "deploy_shots": 1},
         "train": {"algorithms": ALGORITHMS},
         "adapt": {"steps": 2},
-        "evaluate": {"overlay_images": 2},
+        "evaluate": {"overlay_images": 2, "inits": ["scratch"]},  # no imagenet baseline: random-init backbone
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
@@ -52,7 +54,8 @@ def make_workspace(root: Path, **sections: dict[str, object]) -> Path:
     write_splits(root / "data/splits", make_splits(dataset, SplitsConfig(**p["splits"]), seed=SEED))
     (root / "models/train").mkdir(parents=True)
     for i, alg in enumerate(ALGORITHMS):
-        init = fast_adapt.scratch_init(BACKBONE, SIZE, inner_lr=0.05, seed=100 + i)
+        init = fast_adapt.fresh_init("scratch", BACKBONE, SIZE, inner_lr=0.05, seed=100 + i, backbone_weights=None,
+                                     loss=LOSS)
         init = dataclasses.replace(init, algorithm=alg, adapt_names=list(HEAD_NAMES))  # ANIL-like: stable at 0.05
         torch.save(fast_adapt.init_to_dict(init), root / f"models/train/{alg}.pt")
     return root

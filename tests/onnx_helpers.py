@@ -3,7 +3,8 @@
 A learnable toy task (three vertical bands per image: dark noise = background, bright red = class 1, bright blue =
 class 2, ignore pixels on the band edges), a mobilenet_v3_large DeepLabv3 trained on it for a few Adam steps (so the
 logits are not degenerate and a quantisation error shows up in the mIoU), written as an adapted model, a prepared
-dataset and splits.json, then exported once to fp32 / fp16 / int8."""
+dataset and splits.json, then exported once to fp32 / fp16 / int8. ``bundle(LITE)`` builds the same for an
+EfficientNet-Lite0 DeepLabv3 (its own input normalisation, output stride 16)."""
 from __future__ import annotations
 
 import atexit
@@ -20,13 +21,16 @@ import torch.nn.functional as F
 from metaseg.config import CheckConfig, ExportConfig
 from metaseg.data.prepared import DomainData, write_prepared
 from metaseg.io import write_json
-from metaseg.models.adapted import MEAN, STD, plain_deeplab, save_adapted
+from metaseg.models.adapted import plain_deeplab, save_adapted
+from metaseg.models.backbones import normalization
 
 SIZE = 64  # prepared / training resolution
 N_IMAGES = 32
 TEST = list(range(12, N_IMAGES))  # calibration uses the first images, the check the rest
 CLASS_NAMES = ["background", "red", "blue"]
 DOMAIN, ALGORITHM = "toy", "transfer"
+BACKBONE = "mobilenet_v3_large"
+LITE = "efficientnet_lite0"
 
 
 def toy_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,17 +52,18 @@ def toy_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, masks
 
 
-def _normalise(images: np.ndarray) -> torch.Tensor:
+def _normalise(images: np.ndarray, backbone: str = BACKBONE) -> torch.Tensor:
+    mean, std = normalization(backbone)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def train_toy_model(steps: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A few SGD steps on fresh toy images, then BN statistics re-estimated; returns the state_dict."""
+def train_toy_model(steps: int = 24, seed: int = 0, backbone: str = BACKBONE) -> dict[str, torch.Tensor]:
+    """A few Adam steps on fresh toy images, then BN statistics re-estimated; returns the state_dict."""
     torch.manual_seed(seed)
-    model = plain_deeplab("mobilenet_v3_large", len(CLASS_NAMES))
+    model = plain_deeplab(backbone, len(CLASS_NAMES))
     images, masks = toy_images(8 * steps, SIZE, seed + 1)
-    x, y = _normalise(images), torch.from_numpy(masks).long()
+    x, y = _normalise(images, backbone), torch.from_numpy(masks).long()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
@@ -104,16 +109,17 @@ def check_config(**changes: object) -> CheckConfig:
     return CheckConfig(**{"check_size": 80, "latency_runs": 3, "warmup_runs": 1, **changes})
 
 
-@functools.lru_cache(maxsize=1)
-def bundle() -> Bundle:
-    """Build everything once per process (about 30 s on two busy cores), cleaned up at exit."""
+@functools.lru_cache(maxsize=2)
+def bundle(backbone: str = BACKBONE) -> Bundle:
+    """Build everything once per process and backbone (about 30 s on two busy cores), cleaned up at exit."""
     from export.onnx_export import export_adapted
 
-    root = Path(tempfile.mkdtemp(prefix="metaseg-onnx-test-"))
+    root = Path(tempfile.mkdtemp(prefix=f"metaseg-onnx-test-{backbone}-"))
     atexit.register(shutil.rmtree, root, True)
     adapted = root / "adapted" / DOMAIN / f"{ALGORITHM}.pt"
-    save_adapted(adapted, train_toy_model(), backbone="mobilenet_v3_large", class_names=CLASS_NAMES,
-                 image_size=SIZE, domain=DOMAIN, algorithm=ALGORITHM, shots=5, steps=24)
+    mean, std = normalization(backbone)
+    save_adapted(adapted, train_toy_model(backbone=backbone), backbone=backbone, class_names=CLASS_NAMES,
+                 image_size=SIZE, mean=mean, std=std, domain=DOMAIN, algorithm=ALGORITHM, shots=5, steps=24)
     images, masks = toy_images(N_IMAGES, SIZE, seed=123)
     write_prepared(root / "prepared", [DomainData(DOMAIN, CLASS_NAMES[1:], images, masks)], source="synthetic",
                    image_size=SIZE)

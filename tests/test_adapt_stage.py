@@ -10,17 +10,19 @@ import pytest
 import torch
 
 from eval_helpers import SEED, make_workspace
-from metaseg.adapt import AdaptSettings, adapt_deployment, resolve_init
-from metaseg.config import ConfigError
+from metaseg.adapt import AdaptSettings, adapt_deployment, baseline_init
+from metaseg.config import ConfigError, ModelConfig, TrainConfig
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_deploy, load_splits
 from metaseg.io import read_json
 from metaseg.meta import fast_adapt
 from metaseg.models.adapted import load_adapted
+from metaseg.models.backbones import lite_imagenet_state_dict, normalization
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 DOMAIN = "xray"
+TINY_MODEL = ModelConfig(backbone="mobilenet_v3_large", backbone_weights=None, bn_stats="support")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,8 @@ def test_stage_ships_a_model_that_learned_and_scores_the_test_pool(ws: Path) -> 
     _, meta = load_adapted(ws / f"models/adapted/{DOMAIN}/fomaml.pt")
     assert meta["class_names"] == ["background", "disc", "box", "triangle", "cross"]
     assert (meta["domain"], meta["algorithm"], meta["steps"], meta["image_size"]) == (DOMAIN, "fomaml", 2, 64)
+    mean, std = normalization("mobilenet_v3_large")  # the init's backbone normalisation travels with the model
+    assert (meta["mean"], meta["std"], meta["arch"]["output_stride"]) == (list(mean), list(std), 16)
 
 
 def test_same_seed_gives_identical_adapted_weights(ws: Path, tmp_path: Path) -> None:
@@ -95,8 +99,7 @@ def test_adapted_model_reloads_without_training_code(ws: Path, tmp_path: Path) -
 
 def test_divergence_is_a_one_line_error_and_writes_nothing(ws: Path, tmp_path: Path) -> None:
     ds, deploy, test = _inputs(ws)
-    init = resolve_init("scratch", torch.device("cpu"), backbone="mobilenet_v3_large", image_size=64, inner_lr=1e-4,
-                        seed=SEED)
+    init = baseline_init("scratch", model=TINY_MODEL, train=TrainConfig(), image_size=64, scratch_lr=1e-4, seed=SEED)
     with pytest.raises(ConfigError, match="diverged"):
         adapt_deployment(ds.domain(DOMAIN), deploy, test, init, tmp_path / "bad.pt",
                          settings=AdaptSettings(steps=2, lr=1e6), seed=SEED, device=torch.device("cpu"))
@@ -111,8 +114,49 @@ def test_support_augment_is_seeded_and_keeps_labels() -> None:
     y = torch.zeros(2, 64, 64, dtype=torch.int64)
     y[:, 10:40, 10:40] = 1
     y[:, :3] = 255
-    xa, ya = support_augment(64, torch.Generator().manual_seed(5))(x, y)
-    xb, yb = support_augment(64, torch.Generator().manual_seed(5))(x, y)
+    norm = normalization("mobilenet_v3_large")
+    xa, ya = support_augment(64, torch.Generator().manual_seed(5), norm)(x, y)
+    xb, yb = support_augment(64, torch.Generator().manual_seed(5), norm)(x, y)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert xa.shape == x.shape and xa.dtype == torch.float32 and ya.dtype == torch.int64
     assert set(ya.unique().tolist()) <= {0, 1, 255}  # nearest-neighbour masks: no blended labels
+
+
+def test_baseline_inits() -> None:
+    """scratch = random weights at scratch_lr; imagenet = the pre-trained Lite0 body with a fresh decoder at the
+    train inner lr, its BN statistics kept; both adapt the train.inner_params parameters with the train loss."""
+    train = TrainConfig(inner_params="decoder", inner_lr=0.02, dice_weight=0.5)
+    scratch = baseline_init("scratch", model=TINY_MODEL, train=train, image_size=64, scratch_lr=1e-4, seed=SEED)
+    assert (scratch.algorithm, scratch.inner_lr, scratch.bn_stats) == ("scratch", 1e-4, "support")
+    assert scratch.adapt_names and all(n.startswith(("classifier.", "aux_classifier.")) for n in scratch.adapt_names)
+    assert scratch.extras["dice_weight"] == 0.5 and scratch.norm == tuple(map(list, normalization(TINY_MODEL.backbone)))
+    lite = ModelConfig(backbone="efficientnet_lite0", backbone_weights="imagenet", bn_stats="pretrained")
+    init = baseline_init("imagenet", model=lite, train=TrainConfig(), image_size=64, scratch_lr=1e-4, seed=SEED)
+    assert (init.algorithm, init.inner_lr, init.bn_stats, init.adapt_names) == ("imagenet", 0.01, "pretrained", None)
+    assert init.norm == tuple(map(list, normalization("efficientnet_lite0")))
+    stem = lite_imagenet_state_dict("efficientnet_lite0")["features.0.0.weight"]
+    assert torch.equal(init.params["backbone.0.0.weight"], stem)
+    with pytest.raises(ConfigError, match="backbone_weights"):
+        baseline_init("imagenet", model=TINY_MODEL, train=train, image_size=64, scratch_lr=1e-4, seed=SEED)
+    with pytest.raises(ConfigError, match="unknown init 'imagnet'"):
+        baseline_init("imagnet", model=lite, train=train, image_size=64, scratch_lr=1e-4, seed=SEED)
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_lite0_imagenet_init_deploys_with_its_normalisation(ws: Path, tmp_path: Path, stride: int) -> None:
+    """The imagenet baseline on EfficientNet-Lite0 (pretrained BN statistics in the body) adapts and ships a file
+    that computes what the inner loop computed, carrying Lite's mean/std and the output stride."""
+    ds, deploy, test = _inputs(ws)
+    lite = ModelConfig(backbone="efficientnet_lite0", backbone_weights="imagenet", bn_stats="pretrained",
+                       output_stride=stride)
+    init = baseline_init("imagenet", model=lite, train=TrainConfig(), image_size=64, scratch_lr=1e-4, seed=SEED)
+    m = adapt_deployment(ds.domain(DOMAIN), deploy, test[:4], init, tmp_path / "lite.pt",
+                         settings=AdaptSettings(steps=1), seed=SEED, device=torch.device("cpu"))
+    assert m["reload_max_abs_logit_diff"] < 1e-4 and m["support_loss_after"] < m["support_loss_before"]
+    model, meta = load_adapted(tmp_path / "lite.pt")
+    mean, std = normalization("efficientnet_lite0")
+    assert (meta["mean"], meta["std"]) == (list(mean), list(std))
+    assert meta["arch"] == {"backbone": "efficientnet_lite0", "num_classes": 5, "output_stride": stride}
+    # the body kept its ImageNet statistics (bn_stats: pretrained), so the shipped file holds them
+    stats = lite_imagenet_state_dict("efficientnet_lite0")["features.0.1.running_var"]
+    assert torch.equal(model.state_dict()["backbone.0.1.running_var"], stats)

@@ -37,14 +37,19 @@ def test_maml_meta_gradient_matches_finite_differences_and_differs_from_fomaml()
         loss.backward()
         grads[name] = {k: p.grad.clone() for k, p in net.named_parameters()}
     params, buffers = split_state(net)
-    tb = task_buffers(net, params, buffers, t.support_x)  # fixed: BN stats are not differentiated
 
-    def meta_loss(p: dict) -> float:
-        fast = inner_loop(net, expand_head(p, 1), tb, t.support_x, t.support_y, steps=2, lr=0.5, adapt_names=None,
-                          create_graph=False, loss_fn=seg_loss)
-        return float(seg_loss(forward(net, fast, tb, t.query_x), t.query_y).detach())
+    def adapt_support(p: dict) -> dict:  # inner steps on the support set, BN statistics following the params
+        return inner_loop(net, expand_head(p, 1), buffers, t.support_x, t.support_y, steps=2, lr=0.5,
+                          adapt_names=None, create_graph=False, loss_fn=seg_loss, bn_stats="support")
 
     base = {k: v.detach().clone() for k, v in params.items()}
+    # the query is predicted with the support's statistics under the adapted params, computed without grad: the
+    # meta-gradient treats them as constants, so they stay fixed at the unperturbed point here
+    tb = task_buffers(net, {k: v.detach() for k, v in adapt_support(base).items()}, buffers, t.support_x)
+
+    def meta_loss(p: dict) -> float:
+        return float(seg_loss(forward(net, adapt_support(p), tb, t.query_x), t.query_y).detach())
+
     eps = 1e-6
     for k in ("body.0.weight", "classifier.0.weight", "classifier.4.weight"):
         for i in (0, 3):
@@ -64,7 +69,7 @@ def test_metasgd_rates_change_after_a_step() -> None:
     before = {k: v.detach().clone() for k, v in algo.lrs.items()}
     algo.step([_task(size=12)])
     assert any(not torch.equal(before[k], v) for k, v in algo.lrs.items())
-    assert algo.export_init(backbone="tiny", image_size=12).inner_lrs is not None
+    assert algo.export_init(backbone=BACKBONE, image_size=12).inner_lrs is not None  # its norm: a known backbone
 
 
 def test_reptile_update_is_the_interpolation() -> None:
@@ -76,7 +81,7 @@ def test_reptile_update_is_the_interpolation() -> None:
     for t in tasks:
         tb = task_buffers(net, theta, dict(net.named_buffers()), t.support_x)
         fast = inner_loop(net, expand_head(theta, 1), tb, t.support_x, t.support_y, steps=2, lr=0.1, adapt_names=None,
-                          create_graph=False, loss_fn=seg_loss)
+                          create_graph=False, loss_fn=seg_loss, bn_stats="support")
         for k in target:
             target[k] += fast[k].detach() / 2
     algo.step(tasks)
@@ -123,3 +128,24 @@ def test_every_algorithm_steps_one_shot_and_its_init_adapts(name: str) -> None:
     t = _task(seed=4)
     adapted = adapt(init, t.support_x, t.support_y, 1, steps=1)
     assert adapted.predict_logits(t.query_x).shape == (1, 2, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("which", ["decoder", "head"])
+def test_inner_params_limit_what_the_inner_loop_updates(which: str) -> None:
+    from metaseg.meta.algorithms import inner_param_names
+
+    torch.manual_seed(0)
+    model = build_model(BACKBONE)
+    names = inner_param_names(model, which)
+    assert inner_param_names(model, "all") is None
+    assert names and all(n.startswith(("classifier.", "aux_classifier.")) for n in names)
+    if which == "head":
+        assert names == {"classifier.4.weight", "classifier.4.bias", "aux_classifier.4.weight", "aux_classifier.4.bias"}
+    algo = make_algorithm("fomaml", model, inner_steps=1, inner_lr=0.1, inner_params=which)
+    _, fast = algo.adapted_query(_task())
+    params = dict(model.named_parameters())
+    assert all(torch.equal(fast[k], params[k]) for k in params if k not in names)  # the rest stays as it is
+    assert any(not torch.equal(fast[k], params[k]) for k in names if fast[k].shape == params[k].shape)
+    assert algo.export_init(backbone=BACKBONE, image_size=SIZE).adapt_names == sorted(names)
+    with pytest.raises(ValueError, match="unknown inner_params"):
+        inner_param_names(model, "body")

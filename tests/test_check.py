@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from export.runtime_check import CheckFailed, confusion_matrix, enforce, format_table, miou, run_checks
-from tests.onnx_helpers import ALGORITHM, DOMAIN, adapted_root, bundle, check_config
+from tests.onnx_helpers import ALGORITHM, BACKBONE, DOMAIN, LITE, adapted_root, bundle, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _check(onnx_root: Path, **changes: object) -> list[dict[str, object]]:
-    b = bundle()
+def _check(onnx_root: Path, backbone: str = BACKBONE, **changes: object) -> list[dict[str, object]]:
+    b = bundle(backbone)
     return run_checks(onnx_root, adapted_root(b), b.prepared, b.splits, **check_config(**changes).model_dump())
 
 
@@ -32,8 +32,11 @@ def test_confusion_matrix_and_miou() -> None:
     assert miou(cm) == pytest.approx(50.0)  # class 2 is absent from both: not averaged
 
 
-def test_every_precision_passes_on_cpu() -> None:
-    rows = _check(bundle().onnx_root)
+@pytest.mark.parametrize("backbone", [BACKBONE, LITE])
+def test_every_precision_passes_on_cpu(backbone: str) -> None:
+    """fp32 / fp16 / int8 pass for the mobilenet_v3_large and the EfficientNet-Lite0 adapted model (the check
+    normalises the test pool with the mean/std the adapted file carries)."""
+    rows = _check(bundle(backbone).onnx_root, backbone)
     print("\n" + format_table(rows))
     by = {r["precision"]: r for r in rows}
     assert set(by) == {"fp32", "fp16", "int8"}

@@ -41,6 +41,13 @@ def test_config_objects_are_frozen() -> None:
         ("train", {"algorithms": ["maml", "dreamer"]}, "train.algorithms"),
         ("train", {"inner_lr": -0.1}, "train.inner_lr"),
         ("prepare", {"source": "coco"}, "prepare.source"),
+        ("model", {"backbone": "efficientnet_lite3"}, "model.backbone"),
+        ("model", {"backbone": "resnet50", "output_stride": 8}, "output_stride 8 is for the efficientnet_lite"),
+        ("model", {"output_stride": 32}, "model.output_stride"),
+        ("model", {"backbone_weights": None}, "bn_stats 'pretrained' needs pre-trained backbone statistics"),
+        ("model", {"bn_stats": "batch"}, "model.bn_stats"),
+        ("train", {"inner_params": "body"}, "train.inner_params"),
+        ("evaluate", {"inits": ["scratch", "imagnet"]}, "evaluate.inits"),
     ],
 )
 def test_bad_values_name_the_key(section: str, raw: dict, needle: str) -> None:

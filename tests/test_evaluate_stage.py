@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from eval_helpers import ALGORITHMS, SEED, TEST_DOMAINS, make_workspace
+from meta_helpers import LOSS
 from metaseg.adapt import AdaptSettings
+from metaseg.cli import InputError
+from metaseg.config import ConfigError, ModelConfig, TrainConfig
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_episodes, load_splits
-from metaseg.evaluate import EvalResult, evaluate_inits
+from metaseg.evaluate import EvalResult, evaluate_inits, load_inits, shared_norm
 from metaseg.io import read_json
 from metaseg.meta import fast_adapt
 
@@ -125,3 +128,21 @@ def test_a_failing_worker_is_an_error_not_a_hang(ws: Path) -> None:
         evaluate_inits(PreparedDataset(ws / "data/prepared"), bad, init, domains=TEST_DOMAINS, shots=SHOTS,
                        settings=AdaptSettings(steps=1), device=torch.device("cpu"), seed=SEED, progress=False,
                        workers=2)
+
+
+def test_inits_must_match_the_model_backbone_and_normalisation(ws: Path) -> None:
+    kw = dict(train=TrainConfig(), image_size=64, scratch_lr=1e-4, seed=SEED)
+    tiny = ModelConfig(backbone="mobilenet_v3_large", backbone_weights=None, bn_stats="support")
+    inits = load_inits(ws / "models/train", ALGORITHMS, ["scratch"], torch.device("cpu"), model=tiny, **kw)
+    assert list(inits) == INITS and inits["scratch"].algorithm == "scratch"
+    assert shared_norm(inits) == inits["fomaml"].norm
+    lite = ModelConfig(backbone="efficientnet_lite0", backbone_weights=None, bn_stats="support")
+    with pytest.raises(InputError, match="trained with backbone mobilenet_v3_large, but model.backbone is "
+                                         "efficientnet_lite0"):
+        load_inits(ws / "models/train", ["fomaml"], [], torch.device("cpu"), model=lite, **kw)
+    with pytest.raises(ConfigError, match="imagenet init needs model.backbone_weights"):
+        load_inits(ws / "models/train", ["fomaml"], ["imagenet"], torch.device("cpu"), model=tiny, **kw)
+    other = fast_adapt.fresh_init("scratch", "efficientnet_lite0", 64, inner_lr=1e-4, seed=0, backbone_weights=None,
+                                  loss=LOSS)
+    with pytest.raises(InputError, match="input normalisation"):
+        shared_norm({"fomaml": inits["fomaml"], "lite": other})

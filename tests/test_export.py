@@ -12,7 +12,8 @@ import torch
 
 from export.onnx_export import ExportError, params_hash, verify
 from metaseg.models.adapted import load_adapted
-from tests.onnx_helpers import ALGORITHM, CLASS_NAMES, DOMAIN, SIZE, bundle, export_config
+from metaseg.models.backbones import normalization
+from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, SIZE, bundle, export_config
 
 
 @pytest.mark.parametrize("shape", [(1, 3, SIZE, SIZE), (2, 3, 80, 104)])
@@ -38,11 +39,38 @@ def test_metadata_and_fp32_io(precision: str) -> None:
     props = sess.get_modelmeta().custom_metadata_map
     assert json.loads(props["class_names"]) == CLASS_NAMES
     assert json.loads(props["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(props["std"]) == pytest.approx(list(normalization(BACKBONE)[1]))
     provenance = (props["image_size"], props["domain"], props["algorithm"], props["shots"])
     assert provenance == (str(SIZE), DOMAIN, ALGORITHM, "5")
     assert (props["input_layout"], props["input_dtype"], props["precision"]) == ("NCHW", "float32", precision)
     assert props["params_sha256"] == params_hash({"export": export_config()})
     assert props["git_commit"]
+
+
+@pytest.mark.parametrize("shape", [(1, 3, SIZE, SIZE), (2, 3, 80, 104)])
+def test_lite0_round_trip_and_its_normalisation_travels(shape: tuple[int, ...]) -> None:
+    """An adapted EfficientNet-Lite0 model exports like the others, its (x * 255 - 127) / 128 input normalisation
+    written into the ONNX metadata and the card (export/infer.py and the check read it from there)."""
+    b = bundle(LITE)
+    model, meta = load_adapted(b.adapted)
+    assert meta["arch"] == {"backbone": LITE, "num_classes": len(CLASS_NAMES), "output_stride": 16}
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)["out"].numpy()
+    mean, std = normalization(LITE)
+    for precision in ("fp32", "fp16", "int8"):
+        sess = ort.InferenceSession(str(b.onnx_dir / f"model.{precision}.onnx"), providers=["CPUExecutionProvider"])
+        props = sess.get_modelmeta().custom_metadata_map
+        assert json.loads(props["mean"]) == pytest.approx(list(mean)) == [127 / 255] * 3, precision
+        assert json.loads(props["std"]) == pytest.approx(list(std)) == [128 / 255] * 3, precision
+        got = sess.run(None, {"input": x.numpy()})[0]
+        assert got.shape == want.shape == (shape[0], len(CLASS_NAMES), shape[2], shape[3]), precision
+        if precision == "fp32":
+            assert np.abs(want).max() > 1.0 and np.abs(got - want).max() <= 1e-4
+    card = json.loads((b.onnx_dir / "card.json").read_text())
+    assert card["input"]["mean"] == pytest.approx(list(mean)) and card["input"]["std"] == pytest.approx(list(std))
+    assert LITE in card["what"]
+    assert b.export_metrics["fp16_over_fp32"] <= 0.52 and b.export_metrics["int8_over_fp32"] <= 0.30
 
 
 def test_card_and_sizes() -> None:

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from meta_helpers import BACKBONE, TinyNet, task
 
-from metaseg.meta.inner import forward, inner_loop, seg_loss, split_state, task_buffers
+from metaseg.meta.inner import forward, inner_loop, seg_loss, split_state, support_forward, task_buffers
 from metaseg.models.deeplab import build_model
 from metaseg.models.heads import expand_head
 
@@ -31,6 +32,17 @@ def test_task_buffers_are_support_stats_and_copies() -> None:
     assert torch.equal(tb["classifier.0.convs.4.2.running_mean"], buffers["classifier.0.convs.4.2.running_mean"])
 
 
+def test_support_forward_computes_what_the_task_buffers_model_computes() -> None:
+    """The inner loop's support forward (BN statistics of the batch under the current params) equals an eval-mode
+    forward with ``task_buffers`` of the same params and images: what adaptation minimises is what ships."""
+    model, params, buffers, x, y = _setup(1)  # 1-shot: 4x4 feature maps at stride 16, where the two differ most
+    tb = task_buffers(model, params, buffers, x)
+    with torch.no_grad():
+        inner_out = support_forward(model, params, tb, x, bn_stats="support")["out"]
+        shipped = forward(model, params, tb, x)["out"]
+    assert torch.allclose(inner_out, shipped, atol=1e-4), float((inner_out - shipped).abs().max())
+
+
 def test_one_step_lowers_loss_and_keeps_buffers_one_shot() -> None:
     model, params, buffers, x, y = _setup(1, classes=2)  # 1-shot, 2 classes
     stored = {k: v.clone() for k, v in buffers.items()}
@@ -38,10 +50,10 @@ def test_one_step_lowers_loss_and_keeps_buffers_one_shot() -> None:
     p = expand_head(params, 2)
     seen = []
     fast = inner_loop(model, p, tb, x, y, steps=1, lr=1e-4, adapt_names=None, create_graph=False, loss_fn=_loss,
-                      on_step=lambda s, q: seen.append(s))
-    with torch.no_grad():
+                      on_step=lambda s, q: seen.append(s), bn_stats="support")  # BN statistics follow the params
+    with torch.no_grad():  # what a model with the support's statistics predicts, before and after the step
         before = _loss(forward(model, p, tb, x), y)
-        after = _loss(forward(model, fast, tb, x), y)
+        after = _loss(forward(model, fast, task_buffers(model, fast, buffers, x), x), y)
     assert after < before and seen == [0, 1]
     assert all(torch.equal(stored[k], buffers[k]) for k in stored)
     assert not model.training or True  # mode restored below
@@ -80,3 +92,23 @@ def test_balanced_loss_weights_classes_by_inverse_frequency() -> None:
     ref = torch.nn.functional.cross_entropy(logits, y, weight=w, ignore_index=255)
     assert torch.allclose(seg_loss(logits, y, balance=True), ref)
     assert not torch.allclose(seg_loss(logits, y), ref)
+
+
+def test_pretrained_bn_stats_keep_the_backbone_statistics() -> None:
+    from metaseg.meta.inner import model_mode, support_stat_layer
+
+    model, params, buffers, x, y = _setup(2)
+    tb = task_buffers(model, params, buffers, x, bn_stats="pretrained")
+    backbone = [k for k in buffers if k.startswith("backbone.") and k.endswith("running_mean")]
+    decoder = [k for k in buffers if k.startswith("classifier.") and k.endswith("running_mean")
+               and not k.startswith("classifier.0.convs.4.")]  # the ASPP pooling BN always keeps its stats
+    assert backbone and decoder
+    assert all(torch.equal(tb[k], buffers[k]) for k in backbone)  # stored (pre-trained) statistics kept
+    assert all(not torch.equal(tb[k], buffers[k]) for k in decoder)  # the decoder's from the support set
+    support = task_buffers(model, params, buffers, x)
+    assert not torch.equal(support[backbone[0]], buffers[backbone[0]])  # the default: every layer from the support
+    assert support_stat_layer("classifier.1", "pretrained") and not support_stat_layer("backbone.0.1", "pretrained")
+    with model_mode(model, bn_train=True, bn_stats="pretrained"):
+        assert not model.backbone["0"][1].training and model.classifier[2].training
+    with pytest.raises(ValueError, match="unknown bn_stats"):
+        support_stat_layer("backbone.0.1", "batch")

@@ -11,9 +11,10 @@ from metaseg.data.augment import build_augment
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import DomainData, PreparedDataset, write_prepared
 from metaseg.data.sampler import EpisodeBatch, TrainSampler, episode_batch
-from metaseg.models.adapted import MEAN, STD
+from metaseg.models.backbones import normalization
 
 SIZE = 32
+NORM = normalization("mobilenet_v3_large")
 
 
 def blocks(n: int, classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -43,7 +44,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
 def test_labels_remapped_in_class_ids_order(dataset: PreparedDataset) -> None:
     d = dataset.domain("a")
     ep = Episode("a", (3, 1), (0, 2), (4,))
-    b = episode_batch(d, ep)
+    b = episode_batch(d, ep, norm=NORM)
     raw = np.asarray(d.masks[[0, 2, 4]])
     y = torch.cat([b.support_y, b.query_y]).numpy()
     assert (y[raw == 3] == 1).all() and (y[raw == 1] == 2).all()
@@ -51,14 +52,16 @@ def test_labels_remapped_in_class_ids_order(dataset: PreparedDataset) -> None:
     assert set(np.unique(y)) <= {0, 1, 2, 255} and b.class_ids == (3, 1)
 
 
-def test_shapes_dtypes_and_normalisation(dataset: PreparedDataset) -> None:
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "efficientnet_lite0"])
+def test_shapes_dtypes_and_normalisation(dataset: PreparedDataset, backbone: str) -> None:
     d = dataset.domain("b")
-    b = episode_batch(d, Episode("b", (1,), (1, 3, 7), (0, 2)))
+    mean, std = normalization(backbone)
+    b = episode_batch(d, Episode("b", (1,), (1, 3, 7), (0, 2)), norm=(mean, std))
     assert b.support_x.shape == (3, 3, SIZE, SIZE) and b.query_x.shape == (2, 3, SIZE, SIZE)
     assert b.support_y.shape == (3, SIZE, SIZE) and b.query_y.shape == (2, SIZE, SIZE)
     assert b.support_x.dtype == torch.float32 and b.support_y.dtype == torch.int64
     expect = (torch.from_numpy(np.asarray(d.images[[0, 2]])).permute(0, 3, 1, 2).float() / 255
-              - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+              - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(b.query_x, expect, rtol=1e-5, atol=1e-5)
     moved = b.to("cpu")
     assert isinstance(moved, EpisodeBatch) and moved.query_x.device.type == "cpu"
@@ -97,8 +100,7 @@ def test_augment_keeps_image_and_mask_aligned() -> None:
 def test_augmented_batch_deterministic_with_seed(dataset: PreparedDataset) -> None:
     d, ep = dataset.domain("a"), Episode("a", (2,), (1, 4), (7,))
     aug = build_augment(SIZE)
-    b1, b2 = episode_batch(d, ep, augment=aug, seed=11), episode_batch(d, ep, augment=aug, seed=11)
-    b3 = episode_batch(d, ep, augment=aug, seed=12)
+    b1, b2, b3 = (episode_batch(d, ep, norm=NORM, augment=aug, seed=s) for s in (11, 11, 12))
     assert torch.equal(b1.support_x, b2.support_x) and torch.equal(b1.query_y, b2.query_y)
     assert not torch.equal(b1.support_x, b3.support_x)
 
@@ -139,6 +141,7 @@ def test_sampler_deterministic_and_resumes_exactly(dataset: PreparedDataset) -> 
 def test_one_shot_episode_batch(dataset: PreparedDataset) -> None:
     s = TrainSampler(dataset, ["b"], ways=1, shots=1, queries=1, seed=0)
     ep, seed = s.sample_seeded()
-    b = episode_batch(dataset.domain(ep.domain), ep, augment=build_augment(SIZE), seed=seed)
+    b = episode_batch(dataset.domain(ep.domain), ep, norm=NORM, augment=build_augment(SIZE), seed=seed)
     assert b.support_x.shape == (1, 3, SIZE, SIZE) and b.support_y.shape == (1, SIZE, SIZE)
-    assert (episode_batch(dataset.domain(ep.domain), ep).support_y == 1).any()  # the support shows its class
+    plain = episode_batch(dataset.domain(ep.domain), ep, norm=NORM)
+    assert (plain.support_y == 1).any()  # the support shows its class

@@ -12,7 +12,7 @@ from metaseg.meta import algorithms
 from metaseg.train import TrainingDiverged, train
 
 BASE = BaseConfig(seed=0, image_size=SIZE, device="cpu")
-MODEL = ModelConfig()
+MODEL = ModelConfig(backbone="mobilenet_v3_large", backbone_weights=None, bn_stats="support")  # tiny, random init
 CFG = TrainConfig(iterations=4, meta_batch=1, shots=1, queries=1, inner_steps=1, inner_lr=1e-4, outer_lr=1e-4,
                   val_every=2, val_episodes=1, checkpoint_every=2, augment=True)
 

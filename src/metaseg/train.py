@@ -27,6 +27,7 @@ from metaseg.data.splits import load_episodes, load_splits
 from metaseg.io import save_with
 from metaseg.meta.algorithms import Algorithm, foreground_miou, make_algorithm
 from metaseg.meta.fast_adapt import adapt, init_to_dict
+from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import build_model
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ _RESUME_IGNORES = {"algorithms", "checkpoint_every", "val_every", "val_episodes"
 
 class TrainingDiverged(RuntimeError):
     """A non-finite meta-loss: training stops, nothing new is written."""
+
+
+def all_classes(dataset: PreparedDataset, domain: str) -> tuple[int, ...]:
+    """Every class id of ``domain``: an episode assembled with these labels each class, not just the task's."""
+    return tuple(range(1, dataset.domain(domain).num_classes + 1))
 
 
 def run_config(algorithm: str, base: BaseConfig, model: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
@@ -60,14 +66,14 @@ def val_episodes(path: Path, domains: list[str], shots: int, n: int) -> list[Epi
 
 
 def meta_validate(algo: Algorithm, dataset: PreparedDataset, episodes: list[Episode], *, steps: int,
-                  backbone: str, image_size: int, device: torch.device) -> float:
+                  backbone: str, image_size: int, device: torch.device, output_stride: int = 16) -> float:
     """Mean query mIoU after ``fast_adapt.adapt`` (``steps`` inner steps) over the stored meta-val episodes."""
     if not episodes:
         return float("nan")
-    init = algo.export_init(backbone=backbone, image_size=image_size)
+    init = algo.export_init(backbone=backbone, image_size=image_size, output_stride=output_stride)
     scores = []
     for ep in episodes:
-        b = episode_batch(dataset.domain(ep.domain), ep).to(device)
+        b = episode_batch(dataset.domain(ep.domain), ep, norm=init.norm).to(device)
         model = adapt(init, b.support_x, b.support_y, len(ep.class_ids), steps=steps)
         scores.append(foreground_miou(model.predict_logits(b.query_x), b.query_y, len(ep.class_ids)))
     scores = [s for s in scores if not math.isnan(s)]
@@ -108,16 +114,19 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
     val_eps = val_episodes(splits / "episodes.json", roles["meta_val"], cfg.shots, cfg.val_episodes)
 
     torch.manual_seed(base.seed)
-    model = build_model(model_cfg.backbone, aux_loss=model_cfg.aux_loss, backbone_weights=model_cfg.backbone_weights)
+    model = build_model(model_cfg.backbone, aux_loss=model_cfg.aux_loss, backbone_weights=model_cfg.backbone_weights,
+                        output_stride=model_cfg.output_stride)
     model = model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     algo = make_algorithm(algorithm, model, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr,
                           outer_optimizer=cfg.outer_optimizer, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
                           iterations=cfg.iterations, reptile_epsilon=cfg.reptile_epsilon, aux_weight=cfg.aux_weight,
                           dice_weight=cfg.dice_weight, class_balance=cfg.class_balance, inner_clip=cfg.inner_clip,
-                          outer_clip=cfg.outer_clip,
+                          outer_clip=cfg.outer_clip, bn_stats=model_cfg.bn_stats, inner_params=cfg.inner_params,
                           amp_dtype=amp)
-    export_kw = {"backbone": model_cfg.backbone, "image_size": base.image_size}
+    export_kw = {"backbone": model_cfg.backbone, "image_size": base.image_size,
+                 "output_stride": model_cfg.output_stride}
+    norm = normalization(model_cfg.backbone)
 
     last, best_path = checkpoints / "last.pt", checkpoints / "best.pt"
     start, best, best_it, initial, elapsed = 0, -math.inf, -1, float("nan"), 0.0
@@ -162,7 +171,10 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
         tasks: list[EpisodeBatch] = []
         for _ in range(cfg.meta_batch):
             ep, seed = sampler.sample_seeded()
-            b = episode_batch(dataset.domain(ep.domain), ep, augment=augment, seed=seed).to(device, non_blocking=True)
+            if algorithm == "transfer":  # supervised on the same images: every class of the domain is foreground
+                ep = replace(ep, class_ids=all_classes(dataset, ep.domain))
+            b = episode_batch(dataset.domain(ep.domain), ep, norm=norm, augment=augment, seed=seed).to(
+                device, non_blocking=True)
             if cuda and cfg.channels_last:
                 b = replace(b, support_x=b.support_x.contiguous(memory_format=torch.channels_last),
                             query_x=b.query_x.contiguous(memory_format=torch.channels_last))

@@ -21,7 +21,6 @@ import torch
 from metaseg.data.augment import Augment
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import IGNORE, Domain, PreparedDataset
-from metaseg.models.adapted import MEAN, STD
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class TrainSampler:
 
 @dataclass(frozen=True)
 class EpisodeBatch:
-    """Tensors of one episode: x float32 [n,3,H,W] ImageNet-normalised, y int64 [n,H,W] in episode labels."""
+    """Tensors of one episode: x float32 [n,3,H,W] normalised for the backbone, y int64 [n,H,W] in episode labels."""
 
     support_x: torch.Tensor
     support_y: torch.Tensor
@@ -134,15 +133,17 @@ class EpisodeBatch:
                                 for k in ("support_x", "support_y", "query_x", "query_y")})
 
 
-# value v of channel c -> (v / 255 - MEAN[c]) / STD[c], as a [3, 256] lookup table (a gather beats float maths here)
-_NORM_LUT = ((np.arange(256)[None, :] / 255.0 - np.asarray(MEAN)[:, None]) / np.asarray(STD)[:, None]).astype(np.float32)
+Norm = tuple[Sequence[float], Sequence[float]]  # (mean, std) per RGB channel, applied to images scaled to [0, 1]
 
 
-def normalise(images: np.ndarray) -> torch.Tensor:
-    """uint8 [n,H,W,3] -> float32 [n,3,H,W], (x / 255 - MEAN) / STD."""
+def normalise(images: np.ndarray, norm: Norm) -> torch.Tensor:
+    """uint8 [n,H,W,3] -> float32 [n,3,H,W], (x / 255 - mean) / std with the backbone's ``norm``."""
+    mean, std = (np.asarray(v, dtype=np.float64) for v in norm)
+    # value v of channel c -> (v / 255 - mean[c]) / std[c], as a [3, 256] lookup table (a gather beats float maths)
+    lut = ((np.arange(256)[None, :] / 255.0 - mean[:, None]) / std[:, None]).astype(np.float32)
     out = np.empty((images.shape[0], 3, *images.shape[1:3]), dtype=np.float32)
     for c in range(3):
-        np.take(_NORM_LUT[c], images[..., c], out=out[:, c])
+        np.take(lut[c], images[..., c], out=out[:, c])
     return torch.from_numpy(out)
 
 
@@ -154,9 +155,10 @@ def label_lut(class_ids: Sequence[int]) -> np.ndarray:
     return lut
 
 
-def episode_batch(domain: Domain, episode: Episode, *, augment: Augment | None = None,
+def episode_batch(domain: Domain, episode: Episode, *, norm: Norm, augment: Augment | None = None,
                   seed: int | None = None) -> EpisodeBatch:
-    """Assemble an episode's tensors from the memory-mapped arrays (support first, then query).
+    """Assemble an episode's tensors from the memory-mapped arrays (support first, then query), normalised with
+    the backbone's ``norm`` (``metaseg.models.backbones.normalization``).
 
     With ``augment``, image j of the episode (support then query order) is augmented with a seed derived from
     (``seed``, j); ``seed=None`` then means fresh OS entropy (not reproducible).
@@ -169,7 +171,7 @@ def episode_batch(domain: Domain, episode: Episode, *, augment: Augment | None =
         seeds = np.random.SeedSequence(seed).generate_state(len(idx))
         pairs = [augment(images[j], masks[j], int(seeds[j])) for j in range(len(idx))]
         images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-    x = normalise(images)
+    x = normalise(images, norm)
     y = torch.from_numpy(np.take(label_lut(episode.class_ids), masks))
     s = len(episode.support)
     return EpisodeBatch(x[:s], y[:s], x[s:], y[s:], tuple(episode.class_ids))

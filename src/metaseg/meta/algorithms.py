@@ -22,12 +22,35 @@ import torch
 from torch import Tensor, nn
 
 from metaseg.meta.fast_adapt import TrainedInit
-from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, task_buffers
-from metaseg.models.adapted import MEAN, STD
+from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, support_stat_layer, task_buffers
+from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import HEAD_NAMES
 from metaseg.models.heads import HeadOnly, deeplab_features, expand_head, expand_rows, proto_head
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer")
+INNER_PARAMS = ("all", "decoder", "head")  # train.inner_params: what the inner loop (and adaptation) updates
+
+
+def inner_param_names(model: nn.Module, which: str) -> set[str] | None:
+    """The parameter names an inner loop updates: None = all; ``decoder`` = DeepLab's heads (ASPP and FCN, the
+    backbone fixed); ``head`` = the final 1x1 convs."""
+    names = [n for n, _ in model.named_parameters()]
+    if which == "all":
+        return None
+    if which == "decoder":
+        return {n for n in names if n.startswith(("classifier.", "aux_classifier."))}
+    if which == "head":
+        return {n for n in HEAD_NAMES if n in names}
+    raise ValueError(f"unknown inner_params '{which}' (expected one of {', '.join(INNER_PARAMS)})")
+
+
+def train_mode(model: nn.Module, bn_stats: str) -> None:
+    """``model.train()`` for supervised training, except the BN layers that keep their stored statistics under
+    ``bn_stats`` (the pre-trained backbone's, with ``pretrained``): those stay in eval mode, frozen."""
+    model.train()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not support_stat_layer(name, bn_stats):
+            m.eval()
 
 
 def foreground_miou(logits: Tensor, y: Tensor, num_classes: int) -> float:
@@ -59,9 +82,11 @@ class Algorithm:
                  outer_optimizer: str = "adam", weight_decay: float = 0.0, schedule: str = "constant",
                  iterations: int = 100, reptile_epsilon: float = 0.5, aux_weight: float = 0.4,
                  dice_weight: float = 0.0, class_balance: bool = False, inner_clip: float | None = None,
-                 outer_clip: float | None = None,
+                 outer_clip: float | None = None, bn_stats: str = "support", inner_params: str = "all",
                  amp_dtype: torch.dtype | None = None) -> None:
         self.model, self.inner_steps, self.inner_lr = model, inner_steps, inner_lr
+        self.bn_stats = bn_stats
+        self.adapt_names = inner_param_names(model, inner_params)
         self.inner_clip, self.outer_clip, self.class_balance = inner_clip, outer_clip, class_balance
         self.aux_weight, self.dice_weight, self.amp_dtype = aux_weight, dice_weight, amp_dtype
         self.reptile_epsilon = reptile_epsilon
@@ -128,10 +153,13 @@ class Algorithm:
         """Task BN stats, expanded head, inner loop on the support set; returns (query outputs, adapted params)."""
         ways = _ways(task)
         params = self.params()
-        tb = task_buffers(self.model, params, self.buffers(), task.support_x)
+        tb = task_buffers(self.model, params, self.buffers(), task.support_x, bn_stats=self.bn_stats)
         fast = inner_loop(self.model, expand_head(params, ways), tb, task.support_x, task.support_y,
                           steps=self.inner_steps, lr=self.inner_rates(ways), adapt_names=self.adapt_names,
-                          create_graph=self.create_graph, loss_fn=self.loss_fn, clip=self.inner_clip)
+                          create_graph=self.create_graph, loss_fn=self.loss_fn, clip=self.inner_clip,
+                          bn_stats=self.bn_stats)
+        if self.inner_steps > 0:  # the query is predicted with the support's statistics under the adapted params
+            tb = task_buffers(self.model, fast, self.buffers(), task.support_x, bn_stats=self.bn_stats)
         return forward(self.model, fast, tb, task.query_x), fast
 
     def step(self, tasks: list[Any]) -> dict[str, float]:
@@ -164,14 +192,16 @@ class Algorithm:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
-    def export_init(self, *, backbone: str, image_size: int, **extras: Any) -> TrainedInit:
+    def export_init(self, *, backbone: str, image_size: int, output_stride: int = 16, **extras: Any) -> TrainedInit:
+        mean, std = normalization(backbone)
         return TrainedInit(algorithm=self.name, backbone=backbone, image_size=image_size,
                            params={k: v.detach().cpu().clone() for k, v in self.model.named_parameters()},
                            buffers={k: v.detach().cpu().clone() for k, v in self.model.named_buffers()},
                            inner_lr=self.inner_lr, adapt_names=sorted(self.adapt_names) if self.adapt_names else None,
+                           output_stride=output_stride, bn_stats=self.bn_stats,
                            extras={"aux_weight": self.aux_weight, "dice_weight": self.dice_weight,
                                    "inner_clip": self.inner_clip, "class_balance": self.class_balance,
-                                   "mean": list(MEAN), "std": list(STD), **extras})
+                                   "mean": list(mean), "std": list(std), **extras})
 
 
 def _nanmean(values: list[float]) -> float:
@@ -221,7 +251,7 @@ class ANIL(MAML):
 
     def adapted_query(self, task: Any) -> tuple[Any, Params]:
         ways, params = _ways(task), self.params()
-        tb = task_buffers(self.model, params, self.buffers(), task.support_x)
+        tb = task_buffers(self.model, params, self.buffers(), task.support_x, bn_stats=self.bn_stats)
         head = HeadOnly(self.model, tuple(task.support_x.shape[-2:]))
         hp = expand_head({k: params[k] for k in self.adapt_names}, ways)
         fs = deeplab_features(self.model, params, tb, task.support_x)
@@ -241,7 +271,7 @@ class ProtoNet(Algorithm):
 
     def task_loss(self, task: Any) -> tuple[Tensor, float]:
         ways, params = _ways(task), self.params()
-        tb = task_buffers(self.model, params, self.buffers(), task.support_x)
+        tb = task_buffers(self.model, params, self.buffers(), task.support_x, bn_stats=self.bn_stats)
         fs = deeplab_features(self.model, params, tb, task.support_x)
         fq = deeplab_features(self.model, params, tb, task.query_x)
         out = proto_head(fq, fs, task.support_y, ways, self.scale, tuple(task.query_x.shape[-2:]))
@@ -280,11 +310,13 @@ class Reptile(Algorithm):
             ways = _ways(task)
             x, y = task.support_x, task.support_y
             with self.autocast():
-                tb = task_buffers(self.model, theta, self.buffers(), task.support_x)
+                tb = task_buffers(self.model, theta, self.buffers(), task.support_x,
+                                  bn_stats=self.bn_stats)
                 fast = inner_loop(self.model, expand_head(theta, ways), tb, x, y, steps=self.inner_steps,
-                                  lr=self.inner_lr, adapt_names=None, create_graph=False, loss_fn=self.loss_fn,
-                                  clip=self.inner_clip)
+                                  lr=self.inner_lr, adapt_names=self.adapt_names, create_graph=False, loss_fn=self.loss_fn,
+                                  clip=self.inner_clip, bn_stats=self.bn_stats)
                 with torch.no_grad():
+                    tb = task_buffers(self.model, fast, self.buffers(), task.support_x, bn_stats=self.bn_stats)
                     out = forward(self.model, fast, tb, task.query_x)
                     losses.append(float(self.loss_fn(out, task.query_y)))
             mious.append(foreground_miou(out["out"], task.query_y, ways))
@@ -301,7 +333,11 @@ class Reptile(Algorithm):
 
 
 class Transfer(Algorithm):
-    """Supervised pre-training: every task image (support + query) in one train-mode batch, binary labels."""
+    """Supervised pre-training: every task image (support + query) in one train-mode batch, binary labels.
+
+    The tasks must carry every class of their domain (``metaseg.train`` assembles them so): the baseline learns
+    "any object vs background" on the same images the meta-learners see. A 1-way episode's labels would make one
+    task's foreground another's background."""
 
     name = "transfer"
 
@@ -309,7 +345,7 @@ class Transfer(Algorithm):
         x = torch.cat([t for task in tasks for t in (task.support_x, task.query_x)])
         y = torch.cat([t for task in tasks for t in (task.support_y, task.query_y)])
         y = torch.where((y > 0) & (y != IGNORE), torch.ones_like(y), y)
-        self.model.train()
+        train_mode(self.model, self.bn_stats)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             out = self.model(x)

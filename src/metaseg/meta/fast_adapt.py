@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from metaseg.meta.inner import Params, forward, inner_loop, seg_loss, task_buffers
+from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import HEAD_NAMES, build_model
 from metaseg.models.heads import HeadOnly, baked_head_params, deeplab_features, expand_head, expand_rows
 
@@ -39,21 +40,29 @@ class TrainedInit:
     adapt_names: list[str] | None = None  # ANIL: the head only; None = every parameter
     head: Literal["replicated", "prototype"] = "replicated"
     proto_scale: float | None = None  # protonet's learned cosine scale
+    output_stride: int = 16
+    bn_stats: str = "support"  # which BN layers take the support set's statistics (metaseg.meta.inner.BN_STATS)
     extras: dict[str, Any] = field(default_factory=dict)  # aux_weight, dice_weight, mean, std, config, ...
 
     @property
     def aux(self) -> bool:
         return "aux_classifier.4.weight" in self.params
 
+    @property
+    def norm(self) -> tuple[list[float], list[float]]:
+        """(mean, std) of the input this init expects: recorded at training, else the backbone's own."""
+        mean, std = normalization(self.backbone)
+        return list(self.extras.get("mean", mean)), list(self.extras.get("std", std))
+
 
 @lru_cache(maxsize=4)
-def _skeleton(backbone: str, aux: bool) -> nn.Module:
+def _skeleton(backbone: str, aux: bool, output_stride: int) -> nn.Module:
     # functional_call supplies every tensor, so the module's own (random) weights are never used
-    return build_model(backbone, aux_loss=aux)
+    return build_model(backbone, aux_loss=aux, output_stride=output_stride)
 
 
 def skeleton(init: TrainedInit, device: torch.device | str) -> nn.Module:
-    return _skeleton(init.backbone, init.aux).to(device)
+    return _skeleton(init.backbone, init.aux, init.output_stride).to(device)
 
 
 def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedInit:
@@ -68,6 +77,7 @@ def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedIn
                        params=obj["params"], buffers=obj["buffers"], inner_lr=float(obj["inner_lr"]),
                        inner_lrs=obj.get("inner_lrs"), adapt_names=obj.get("adapt_names"),
                        head=obj.get("head", "replicated"), proto_scale=obj.get("proto_scale"),
+                       output_stride=int(obj.get("output_stride", 16)), bn_stats=obj.get("bn_stats", "support"),
                        extras={**obj.get("extras", {}), **({"config": obj["config"]} if "config" in obj else {})})
 
 
@@ -77,25 +87,28 @@ def init_to_dict(init: TrainedInit) -> dict[str, Any]:
     return {"algorithm": init.algorithm, "backbone": init.backbone, "image_size": init.image_size,
             "params": cpu(init.params), "buffers": cpu(init.buffers), "inner_lr": float(init.inner_lr),
             "inner_lrs": cpu(init.inner_lrs), "adapt_names": init.adapt_names, "head": init.head,
-            "proto_scale": init.proto_scale, "extras": init.extras}
+            "proto_scale": init.proto_scale, "output_stride": init.output_stride, "bn_stats": init.bn_stats,
+            "extras": init.extras}
 
 
-def scratch_init(backbone: str, image_size: int, *, inner_lr: float, seed: int, aux_loss: bool = True,
-                 inner_clip: float | None = 10.0, class_balance: bool = True, aux_weight: float = 0.4,
-                 dice_weight: float = 0.0) -> TrainedInit:
-    """A randomly initialised model with the replicated head: the ``scratch`` baseline.
-
-    The loss / clipping extras default to the TrainConfig defaults, so scratch adapts like a trained init
-    (unclipped full-network SGD at lr 0.01 diverges on some support sets).
-    """
+def fresh_init(name: str, backbone: str, image_size: int, *, inner_lr: float, seed: int,
+               backbone_weights: str | None, loss: dict[str, Any], aux_loss: bool = True, output_stride: int = 16,
+               bn_stats: str = "support", adapt_names: list[str] | None = None) -> TrainedInit:
+    """An init that saw no meta-train domain: ``scratch`` (random weights, ``backbone_weights=None``) or
+    ``imagenet`` (the pre-trained body, a fresh decoder). Its head is the replicated one, and it adapts with the
+    same loss settings (``loss``: aux_weight, dice_weight, class_balance, inner_clip) and parameters as a trained
+    init, so the baselines differ from the trained inits in their weights alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(backbone, aux_loss=aux_loss)
-    return TrainedInit(algorithm="scratch", backbone=backbone, image_size=image_size,
+        model = build_model(backbone, aux_loss=aux_loss, backbone_weights=backbone_weights,
+                            output_stride=output_stride)
+    mean, std = normalization(backbone)
+    return TrainedInit(algorithm=name, backbone=backbone, image_size=image_size,
                        params={k: v.detach().clone() for k, v in model.named_parameters()},
                        buffers={k: v.detach().clone() for k, v in model.named_buffers()}, inner_lr=inner_lr,
-                       extras={"inner_clip": inner_clip, "class_balance": class_balance, "aux_weight": aux_weight,
-                               "dice_weight": dice_weight})
+                       adapt_names=adapt_names, output_stride=output_stride,
+                       bn_stats=bn_stats if backbone_weights is not None else "support",
+                       extras={**loss, "mean": list(mean), "std": list(std)})
 
 
 class BodyFeatureCache:
@@ -169,7 +182,8 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
     device = support_x.device
     module = skeleton(init, device)
     params = {k: v.detach().to(device) for k, v in init.params.items()}
-    buffers = task_buffers(module, params, {k: v.to(device) for k, v in init.buffers.items()}, support_x)
+    stored = {k: v.to(device) for k, v in init.buffers.items()}
+    buffers = task_buffers(module, params, stored, support_x, bn_stats=init.bn_stats)
     if init.head == "prototype":
         with torch.no_grad():
             feats = deeplab_features(module, params, buffers, support_x)
@@ -194,10 +208,16 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
     head_only = names is not None and names <= set(HEAD_NAMES) and batches is None
     cache = BodyFeatureCache(module, params, buffers) if head_only and on_step is not None else None
 
+    def stats(step: int, p: Params) -> Params:
+        """The support's BN statistics under params ``p`` (what the adapted model predicts with)."""
+        if head_only or step == 0:
+            return buffers  # the 1x1 head has no BN: the body's statistics do not move
+        return task_buffers(module, p, stored, support_x, bn_stats=init.bn_stats)
+
     def wrap(step: int, p: Params) -> None:
         if on_step is not None:
-            on_step(step, AdaptedModel(module, {k: v.detach() for k, v in p.items()}, buffers, init.backbone,
-                                       num_classes, body_cache=cache))
+            p = {k: v.detach() for k, v in p.items()}
+            on_step(step, AdaptedModel(module, p, stats(step, p), init.backbone, num_classes, body_cache=cache))
 
     losses: list[float] = []
     rates, clip = _rates(init, lr, num_classes, device), init.extras.get("inner_clip")
@@ -216,13 +236,14 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
     else:
         fast = inner_loop(module, params, buffers, support_x, support_y, steps=steps, lr=rates, adapt_names=names,
                           create_graph=False, loss_fn=loss_fn, on_step=wrap if on_step is not None else None,
-                          optimizer=optimizer, batches=batches, losses=losses, clip=clip)
-    adapted = AdaptedModel(module, {k: v.detach() for k, v in fast.items()}, buffers, init.backbone, num_classes)
+                          optimizer=optimizer, batches=batches, losses=losses, clip=clip, bn_stats=init.bn_stats)
+    final = {k: v.detach() for k, v in fast.items()}
+    adapted = AdaptedModel(module, final, stats(steps, final), init.backbone, num_classes)
     with torch.no_grad():
         if head_only:  # same value, from the cached support features
             after = float(loss_fn(forward(head, {k: adapted.params[k] for k in fast_head}, {}, feats), support_y))
         else:
-            after = float(loss_fn(forward(module, adapted.params, buffers, support_x), support_y))
+            after = float(loss_fn(forward(module, adapted.params, adapted.buffers, support_x), support_y))
     adapted.support_loss_before = losses[0] if losses and batches is None else (after if steps == 0 else float("nan"))
     if steps > 0 and batches is not None:
         with torch.no_grad():

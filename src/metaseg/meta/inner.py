@@ -26,14 +26,28 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
+BN_STATS = ("support", "pretrained")  # model.bn_stats: which BatchNorm layers take the support set's statistics
+
+
+def support_stat_layer(name: str, bn_stats: str) -> bool:
+    """Does BatchNorm module ``name`` take the task's support statistics under ``bn_stats``?
+
+    ``support``: every BN layer. ``pretrained``: only the decoder's (``classifier`` / ``aux_classifier``); the
+    backbone keeps the running statistics it was pre-trained (or supervised-trained) with."""
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"unknown bn_stats '{bn_stats}' (expected one of {', '.join(BN_STATS)})")
+    return bn_stats == "support" or not name.startswith("backbone.")
+
+
 @contextmanager
-def model_mode(model: nn.Module, *, bn_train: bool) -> Iterator[nn.Module]:
-    """Everything in eval mode (dropout off); BatchNorm layers in train mode if ``bn_train``. Restores after."""
+def model_mode(model: nn.Module, *, bn_train: bool, bn_stats: str = "support") -> Iterator[nn.Module]:
+    """Everything in eval mode (dropout off); BatchNorm layers in train mode if ``bn_train`` (only those that
+    ``support_stat_layer`` names under ``bn_stats``). Restores after."""
     saved = {m: m.training for m in model.modules()}
     model.eval()
     if bn_train:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and support_stat_layer(name, bn_stats):
                 m.train(True)  # EvalBatchNorm2d (ASPP pooling) refuses and stays in eval
     try:
         yield model
@@ -47,19 +61,39 @@ def split_state(model: nn.Module) -> tuple[Params, Params]:
     return dict(model.named_parameters()), dict(model.named_buffers())
 
 
-def task_buffers(model: nn.Module, params: Params, buffers: Params, images: Tensor) -> Params:
-    """BN statistics of ``images`` (the support set) in fresh buffer copies; ``buffers`` stay untouched."""
+def task_buffers(model: nn.Module, params: Params, buffers: Params, images: Tensor, *,
+                 bn_stats: str = "support") -> Params:
+    """BN statistics of ``images`` (the support set) in fresh buffer copies; ``buffers`` stay untouched.
+
+    Under ``bn_stats="pretrained"`` the backbone's layers keep their stored statistics (they normalise with them
+    while the decoder's statistics are estimated)."""
     task = {k: v.detach().clone() for k, v in buffers.items()}
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    named = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and support_stat_layer(n, bn_stats)]
+    bns = [m for _, m in named]
     saved = [m.momentum for m in bns]
+    counts: dict[str, int] = {}  # values per channel each BN normalised over (N * H * W)
+    def count(mod: nn.Module, inp: tuple[Tensor, ...], n: str) -> None:
+        if mod.training:  # EvalBatchNorm2d (ASPP pooling) stays in eval mode and keeps its stored statistics
+            counts[n] = inp[0].numel() // inp[0].shape[1]
+
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: count(mod, inp, n)) for n, m in named]
     try:
         for m in bns:
-            m.momentum = 1.0  # running stat := this batch's statistic (unbiased var, as BN stores it)
-        with torch.no_grad(), model_mode(model, bn_train=True):
+            m.momentum = 1.0  # running stat := this batch's statistic (BN stores the unbiased var)
+        with torch.no_grad(), model_mode(model, bn_train=True, bn_stats=bn_stats):
             functional_call(model, ({k: v.detach() for k, v in params.items()}, task), (images,), strict=False)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
+        for h in hooks:
+            h.remove()
+    # keep the biased variance train-mode BN normalised with: an eval forward with these buffers then computes what
+    # support_forward (the inner loop) computes on the same images and params
+    for n, _ in named:
+        c = counts.get(n, 0)
+        if c > 1 and f"{n}.running_var" in task:
+            task[f"{n}.running_var"] = task[f"{n}.running_var"] * ((c - 1) / c)
     return task
 
 
@@ -67,6 +101,17 @@ def forward(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> Any
     """Eval-mode functional forward with the given (task) buffers."""
     with model_mode(model, bn_train=False):
         return functional_call(model, (params, buffers), (x,), strict=False)
+
+
+def support_forward(model: nn.Module, params: Params, buffers: Params, x: Tensor, *, bn_stats: str) -> Any:
+    """Forward of the support images with the BN layers named by ``bn_stats`` normalising with the batch's own
+    statistics under the *current* params (train-mode BN on copies of ``buffers``, which stay untouched).
+
+    Inner steps use this: BN statistics estimated once from the initial params and then frozen go stale as the
+    convs before them move, and a few steps then blow the activations up (measured, docs/design.md: two full-network
+    steps at lr 0.01 took a transfer init's 5-shot meta-val mIoU from 11.0 to 1.3; with this forward it rises)."""
+    with model_mode(model, bn_train=True, bn_stats=bn_stats):
+        return functional_call(model, (params, {k: v.clone() for k, v in buffers.items()}), (x,), strict=False)
 
 
 def _main(outputs: Any) -> Tensor:
@@ -121,7 +166,7 @@ def inner_loop(model: nn.Module, params: Params, buffers: Params, x: Tensor | No
                loss_fn: LossFn, on_step: Callable[[int, Params], None] | None = None,
                optimizer: str = "sgd", batches: Callable[[int], tuple[Tensor, Tensor]] | None = None,
                losses: list[float] | None = None, clip: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
-               eps: float = 1e-8) -> Params:
+               eps: float = 1e-8, bn_stats: str | None = None) -> Params:
     """``steps`` gradient steps of ``loss_fn(forward(model, params, buffers, x), y)`` on the names in
     ``adapt_names`` (None = every param). Returns the adapted params dict (other entries passed through).
 
@@ -130,7 +175,9 @@ def inner_loop(model: nn.Module, params: Params, buffers: Params, x: Tensor | No
     overrides ``(x, y)`` per step (mini-batches / augmentation). ``on_step(step, params)`` runs at step 0 and
     after every update; ``losses`` (if given) receives the support loss before each update. ``clip``: the
     gradient of each step is rescaled to a global L2 norm of at most ``clip`` (over the adapted params) before
-    the update; with eval-mode BN a few support sets otherwise produce a diverging step.
+    the update; with eval-mode BN a few support sets otherwise produce a diverging step. ``bn_stats`` (for a model
+    with BatchNorm): the support forwards use ``support_forward`` (statistics follow the params); None = eval-mode
+    forwards with ``buffers`` (a module without BN, e.g. the head over cached features).
     """
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"unknown inner optimizer '{optimizer}' (expected sgd or adam)")
@@ -144,7 +191,9 @@ def inner_loop(model: nn.Module, params: Params, buffers: Params, x: Tensor | No
         on_step(0, fast)
     for step in range(steps):
         xb, yb = batches(step) if batches is not None else (x, y)
-        loss = loss_fn(forward(model, fast, buffers, xb), yb)
+        out = (forward(model, fast, buffers, xb) if bn_stats is None
+               else support_forward(model, fast, buffers, xb, bn_stats=bn_stats))
+        loss = loss_fn(out, yb)
         if losses is not None:
             losses.append(float(loss.detach()))
         grads = list(torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph,

@@ -3,9 +3,9 @@
 ``models/adapted/<domain>/<algorithm>.pt`` is one dict::
 
     state_dict   plain torchvision DeepLabv3 state_dict (aux head dropped), num_classes = C + 1
-    arch         {"backbone": str, "num_classes": int}
+    arch         {"backbone": str, "num_classes": int, "output_stride": int}
     class_names  ["background", <class 1>, ..., <class C>]  (index order = logit channel order)
-    mean, std    per-channel input normalisation (RGB, applied to images scaled to [0, 1])
+    mean, std    the backbone's per-channel input normalisation (RGB, applied to images scaled to [0, 1])
     image_size   training/prepared resolution (int)
     domain, algorithm, shots, steps  provenance
 """
@@ -18,9 +18,7 @@ import torch
 from torch import nn
 
 from metaseg.io import save_with
-
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, the torchvision convention
-STD = (0.229, 0.224, 0.225)
+from metaseg.models.backbones import BACKBONES, LITE, lite_deeplab_body
 
 _BUILDERS = {
     "mobilenet_v3_large": "deeplabv3_mobilenet_v3_large",
@@ -29,22 +27,40 @@ _BUILDERS = {
 }
 
 
-def plain_deeplab(backbone: str, num_classes: int, *, aux_loss: bool = False) -> nn.Module:
-    """A stock torchvision DeepLabv3, randomly initialised, nothing downloaded."""
+def _lite_deeplab(backbone: str, num_classes: int, *, aux_loss: bool, output_stride: int) -> nn.Module:
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+    from torchvision.models.segmentation.fcn import FCNHead
+
+    body, out_idx, out_ch, aux_idx = lite_deeplab_body(backbone, output_stride)
+    layers = {str(out_idx): "out", **({str(aux_idx): "aux"} if aux_loss else {})}
+    aux = FCNHead(body[aux_idx][-1].out_channels, num_classes) if aux_loss else None
+    return DeepLabV3(IntermediateLayerGetter(body, return_layers=layers), DeepLabHead(out_ch, num_classes), aux)
+
+
+def plain_deeplab(backbone: str, num_classes: int, *, aux_loss: bool = False, output_stride: int = 16) -> nn.Module:
+    """A torchvision DeepLabv3 (torchvision's classes only), randomly initialised, nothing downloaded.
+
+    EfficientNet-Lite bodies take ``output_stride`` (8 or 16); the stock builders have their own (MobileNetV3: 16,
+    ResNet: 8)."""
     from torchvision.models import segmentation
 
+    if backbone in LITE:
+        return _lite_deeplab(backbone, num_classes, aux_loss=aux_loss, output_stride=output_stride)
     if backbone not in _BUILDERS:
-        raise ValueError(f"unknown backbone '{backbone}' (expected one of {', '.join(_BUILDERS)})")
+        raise ValueError(f"unknown backbone '{backbone}' (expected one of {', '.join(BACKBONES)})")
     builder = getattr(segmentation, _BUILDERS[backbone])
     return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss)
 
 
 def save_adapted(path: str | Path, state_dict: dict[str, torch.Tensor], *, backbone: str, class_names: list[str],
-                 image_size: int, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
+                 image_size: int, mean: tuple[float, ...], std: tuple[float, ...], output_stride: int = 16,
                  **provenance: Any) -> None:
-    """Atomically write an adapted model; drops any aux-head tensors."""
+    """Atomically write an adapted model; drops any aux-head tensors. ``mean``/``std``: the backbone's input
+    normalisation (it travels with the model into ONNX metadata and the edge script)."""
     sd = {k: v.detach().cpu().clone() for k, v in state_dict.items() if not k.startswith("aux_classifier.")}
-    obj = {"state_dict": sd, "arch": {"backbone": backbone, "num_classes": len(class_names)},
+    obj = {"state_dict": sd, "arch": {"backbone": backbone, "num_classes": len(class_names),
+                                      "output_stride": int(output_stride)},
            "class_names": list(class_names), "mean": list(mean), "std": list(std), "image_size": int(image_size),
            **provenance}
     save_with(path, lambda p: torch.save(obj, p))
@@ -53,7 +69,9 @@ def save_adapted(path: str | Path, state_dict: dict[str, torch.Tensor], *, backb
 def load_adapted(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the adapted model (eval mode) from its file; returns (model, metadata without the weights)."""
     obj = torch.load(path, map_location=map_location, weights_only=True)
-    model = plain_deeplab(obj["arch"]["backbone"], obj["arch"]["num_classes"], aux_loss=False)
+    arch = obj["arch"]
+    model = plain_deeplab(arch["backbone"], arch["num_classes"], aux_loss=False,
+                          output_stride=int(arch.get("output_stride", 16)))
     model.load_state_dict(obj["state_dict"])
     model.eval()
     meta = {k: v for k, v in obj.items() if k != "state_dict"}

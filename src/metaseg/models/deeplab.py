@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metaseg.models.adapted import plain_deeplab
+from metaseg.models.backbones import (IMAGENET, LITE, efficientnet_lite, lite_imagenet_state_dict, map_in_order,
+                                      torchvision_weights_file)
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +66,77 @@ def _freeze_pooling_bn(model: nn.Module) -> None:
     model.train(model.training)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local torchvision backbone state_dict into ``model.backbone``; one-line ValueError on mismatch."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+def _backbone_state(sd: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    # accept a full classification model's state_dict ("features.N..." -> "N...") as well as the backbone's own
-    if isinstance(sd, dict) and any(k.startswith("features.") for k in sd):
-        sd = {k.removeprefix("features."): v for k, v in sd.items() if k.startswith("features.")}
-    own = model.backbone.state_dict()
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state_dict (dict of tensors), got {type(sd).__name__}")
+    # accept a full classification model's state_dict ("features.N..." -> "N...") as well as the backbone's own
+    if any(k.startswith("features.") for k in sd):
+        sd = {k.removeprefix("features."): v for k, v in sd.items() if k.startswith("features.")}
+    return sd
+
+
+def load_backbone_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``sd`` into ``model.backbone`` (every backbone tensor required, shapes equal); one-line ValueError."""
+    own = model.backbone.state_dict()
     missing = sorted(set(own) - set(sd))
     bad = sorted(k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape))
     if missing or bad:
         what = (f"missing key '{missing[0]}'" if missing else
                 f"shape mismatch at '{bad[0]}' {tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}")
-        raise ValueError(f"{path}: not a backbone state_dict for this model ({what}; {len(missing)} missing, "
+        raise ValueError(f"{source}: not a backbone state_dict for this model ({what}; {len(missing)} missing, "
                          f"{len(bad)} mismatched)")
     model.backbone.load_state_dict({k: sd[k] for k in own})
-    log.info("loaded backbone weights from %s", path)
+    log.info("loaded backbone weights from %s", source)
 
 
-def build_model(backbone: str, *, aux_loss: bool = True, backbone_weights: str | Path | None = None) -> nn.Module:
-    """DeepLabv3 with a 2-class head (bg, fg), meta-learning safe; never downloads anything."""
-    model = plain_deeplab(backbone, 2, aux_loss=aux_loss)
+def load_backbone_weights(model: nn.Module, path: str | Path, backbone: str | None = None) -> None:
+    """Load a local backbone state_dict file into ``model.backbone``; one-line ValueError on mismatch.
+
+    For an EfficientNet-Lite ``backbone`` a file in the efficientnet_pytorch layout (``_conv_stem...``) is mapped in
+    order onto torchvision's names, as the packaged ImageNet weights are."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the one-line error
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    if backbone in LITE and isinstance(raw, dict) and any(k.startswith("_conv_stem") for k in raw):
+        raw = map_in_order(raw, efficientnet_lite(backbone).state_dict(), what=f"{path.name} -> {backbone}")
+    load_backbone_state(model, _backbone_state(raw, path), str(path))
+
+
+def resolve_backbone_weights(model: nn.Module, backbone: str, weights: str | Path) -> None:
+    """``imagenet``: the Lite package's file (sha256 and mapping checked) or torchvision's file in the torch hub
+    cache (never downloaded: a missing file is a one-line error saying where to put it); else a local path."""
+    if str(weights) != IMAGENET:
+        load_backbone_weights(model, weights, backbone)
+        return
+    if backbone in LITE:
+        sd = lite_imagenet_state_dict(backbone)
+        load_backbone_state(model, _backbone_state(sd, Path(LITE[backbone].filename)),
+                            f"{LITE[backbone].filename} (ImageNet, sha256 checked)")
+        return
+    path = torchvision_weights_file(backbone)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet weights for {backbone}: put torchvision's file {path.name} at {path} "
+                                f"(nothing is downloaded at run time), or set model.backbone_weights to a local path "
+                                f"or null")
+    load_backbone_weights(model, path, backbone)
+
+
+def build_model(backbone: str, *, aux_loss: bool = True, backbone_weights: str | Path | None = None,
+                output_stride: int = 16) -> nn.Module:
+    """DeepLabv3 with a 2-class head (bg, fg), meta-learning safe; never downloads anything.
+
+    ``backbone_weights``: None = random init, ``imagenet`` (see ``resolve_backbone_weights``) or a file path."""
+    model = plain_deeplab(backbone, 2, aux_loss=aux_loss, output_stride=output_stride)
     _swap_hardsigmoid(model)
     _freeze_pooling_bn(model)
     if backbone_weights is not None:
-        load_backbone_weights(model, backbone_weights)
+        resolve_backbone_weights(model, backbone, backbone_weights)
     return model
 
 
