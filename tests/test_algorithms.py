@@ -132,7 +132,7 @@ def test_every_algorithm_steps_one_shot_and_its_init_adapts(name: str) -> None:
 
 @pytest.mark.parametrize("which", ["decoder", "head"])
 def test_inner_params_limit_what_the_inner_loop_updates(which: str) -> None:
-    from metaseg.meta.algorithms import inner_param_names
+    from metaseg.models.deeplab import inner_param_names
 
     torch.manual_seed(0)
     model = build_model(BACKBONE)

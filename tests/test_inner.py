@@ -45,6 +45,7 @@ def test_support_forward_computes_what_the_task_buffers_model_computes() -> None
 
 def test_one_step_lowers_loss_and_keeps_buffers_one_shot() -> None:
     model, params, buffers, x, y = _setup(1, classes=2)  # 1-shot, 2 classes
+    was_training = {m: m.training for m in model.modules()}
     stored = {k: v.clone() for k, v in buffers.items()}
     tb = task_buffers(model, params, buffers, x)
     p = expand_head(params, 2)
@@ -56,7 +57,7 @@ def test_one_step_lowers_loss_and_keeps_buffers_one_shot() -> None:
         after = _loss(forward(model, fast, task_buffers(model, fast, buffers, x), x), y)
     assert after < before and seen == [0, 1]
     assert all(torch.equal(stored[k], buffers[k]) for k in stored)
-    assert not model.training or True  # mode restored below
+    assert all(m.training == t for m, t in was_training.items())  # every module's mode restored
     assert all(torch.equal(params[k], model.state_dict()[k]) for k in params)  # module weights untouched
 
 

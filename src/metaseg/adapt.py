@@ -28,9 +28,7 @@ from metaseg.data.prepared import Domain
 from metaseg.data.sampler import Norm, episode_batch, normalise
 from metaseg.evaluation import DomainScorer
 from metaseg.meta import fast_adapt
-from metaseg.meta.algorithms import inner_param_names
 from metaseg.models.adapted import load_adapted, save_adapted
-from metaseg.models.deeplab import build_model
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +96,13 @@ def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_si
                           f"come from train.algorithms)")
     if name == IMAGENET_INIT and model.backbone_weights is None:
         raise ConfigError("'evaluate.inits': the imagenet init needs model.backbone_weights (it is null)")
-    skeleton = build_model(model.backbone, aux_loss=model.aux_loss, output_stride=model.output_stride)
-    names = inner_param_names(skeleton, train.inner_params)
     loss = {"aux_weight": train.aux_weight, "dice_weight": train.dice_weight, "class_balance": train.class_balance,
             "inner_clip": train.inner_clip}
     return fast_adapt.fresh_init(name, model.backbone, image_size, seed=seed, loss=loss, aux_loss=model.aux_loss,
                                  inner_lr=scratch_lr if name == SCRATCH else train.inner_lr,
                                  backbone_weights=None if name == SCRATCH else model.backbone_weights,
                                  output_stride=model.output_stride, bn_stats=model.bn_stats,
-                                 adapt_names=sorted(names) if names is not None else None)
+                                 inner_params=train.inner_params)
 
 
 def deploy_seed(seed: int, domain: str) -> int:

@@ -24,26 +24,10 @@ from torch import Tensor, nn
 from metaseg.meta.fast_adapt import TrainedInit
 from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, support_stat_layer, task_buffers
 from metaseg.models.backbones import normalization
-from metaseg.models.deeplab import HEAD_NAMES
+from metaseg.models.deeplab import HEAD_NAMES, inner_param_names
 from metaseg.models.heads import HeadOnly, deeplab_features, expand_head, expand_rows, proto_head
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer")
-INNER_PARAMS = ("all", "decoder", "head")  # train.inner_params: what the inner loop (and adaptation) updates
-
-
-def inner_param_names(model: nn.Module, which: str) -> set[str] | None:
-    """The parameter names an inner loop updates: None = all; ``decoder`` = DeepLab's heads (ASPP and FCN, the
-    backbone fixed); ``head`` = the final 1x1 convs."""
-    names = [n for n, _ in model.named_parameters()]
-    if which == "all":
-        return None
-    if which == "decoder":
-        return {n for n in names if n.startswith(("classifier.", "aux_classifier."))}
-    if which == "head":
-        return {n for n in HEAD_NAMES if n in names}
-    raise ValueError(f"unknown inner_params '{which}' (expected one of {', '.join(INNER_PARAMS)})")
-
-
 def train_mode(model: nn.Module, bn_stats: str) -> None:
     """``model.train()`` for supervised training, except the BN layers that keep their stored statistics under
     ``bn_stats`` (the pre-trained backbone's, with ``pretrained``): those stay in eval mode, frozen."""

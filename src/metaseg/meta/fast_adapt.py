@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from metaseg.meta.inner import Params, forward, inner_loop, seg_loss, task_buffers
 from metaseg.models.backbones import normalization
-from metaseg.models.deeplab import HEAD_NAMES, build_model
+from metaseg.models.deeplab import HEAD_NAMES, build_model, inner_param_names
 from metaseg.models.heads import HeadOnly, baked_head_params, deeplab_features, expand_head, expand_rows
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def init_to_dict(init: TrainedInit) -> dict[str, Any]:
 
 def fresh_init(name: str, backbone: str, image_size: int, *, inner_lr: float, seed: int,
                backbone_weights: str | None, loss: dict[str, Any], aux_loss: bool = True, output_stride: int = 16,
-               bn_stats: str = "support", adapt_names: list[str] | None = None) -> TrainedInit:
+               bn_stats: str = "support", inner_params: str = "all") -> TrainedInit:
     """An init that saw no meta-train domain: ``scratch`` (random weights, ``backbone_weights=None``) or
     ``imagenet`` (the pre-trained body, a fresh decoder). Its head is the replicated one, and it adapts with the
     same loss settings (``loss``: aux_weight, dice_weight, class_balance, inner_clip) and parameters as a trained
@@ -103,10 +103,11 @@ def fresh_init(name: str, backbone: str, image_size: int, *, inner_lr: float, se
         model = build_model(backbone, aux_loss=aux_loss, backbone_weights=backbone_weights,
                             output_stride=output_stride)
     mean, std = normalization(backbone)
+    names = inner_param_names(model, inner_params)
     return TrainedInit(algorithm=name, backbone=backbone, image_size=image_size,
                        params={k: v.detach().clone() for k, v in model.named_parameters()},
                        buffers={k: v.detach().clone() for k, v in model.named_buffers()}, inner_lr=inner_lr,
-                       adapt_names=adapt_names, output_stride=output_stride,
+                       adapt_names=sorted(names) if names is not None else None, output_stride=output_stride,
                        bn_stats=bn_stats if backbone_weights is not None else "support",
                        extras={**loss, "mean": list(mean), "std": list(std)})
 

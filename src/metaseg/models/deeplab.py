@@ -144,3 +144,19 @@ def head_names(model: nn.Module) -> set[str]:
     """Names of the final 1x1 convs' parameters (main and aux head): what ANIL adapts."""
     names = {n for n, _ in model.named_parameters()}
     return {n for n in HEAD_NAMES if n in names}
+
+
+INNER_PARAMS = ("all", "decoder", "head")  # train.inner_params: what the inner loop (and adaptation) updates
+
+
+def inner_param_names(model: nn.Module, which: str) -> set[str] | None:
+    """The parameter names an inner loop updates: None = all; ``decoder`` = DeepLab's heads (ASPP and FCN, the
+    backbone fixed); ``head`` = the final 1x1 convs."""
+    names = [n for n, _ in model.named_parameters()]
+    if which == "all":
+        return None
+    if which == "decoder":
+        return {n for n in names if n.startswith(("classifier.", "aux_classifier."))}
+    if which == "head":
+        return {n for n in HEAD_NAMES if n in names}
+    raise ValueError(f"unknown inner_params '{which}' (expected one of {', '.join(INNER_PARAMS)})")
