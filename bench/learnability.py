@@ -1,10 +1,13 @@
 """Upper bound of what a model learns in a CPU budget: plain supervised training, full labels.
 
 python bench/learnability.py [--task objects|classes] [--steps 400] [--batch 8] [--threads 2] [--every 50]
-                             [--backbone mobilenet_v3_large]
+                             [--backbone efficientnet_lite0] [--weights imagenet|none] [--output-stride 16]
+                             [--lr 1e-3] [--body-lr 1e-4] [--bn-stats pretrained|support]
+                             [--prepared data/prepared] [--splits data/splits/splits.json]
 
-Trains a DeepLabv3 (``--backbone``, default mobilenet_v3_large, random init, the project's model builder and loss,
-inputs normalised as that backbone expects)
+Trains a DeepLabv3 (``--backbone``, default the project's default efficientnet_lite0 with its ImageNet weights;
+``--weights none`` = random init; the project's model builder and loss, inputs normalised as that backbone
+expects; Adam at ``--lr`` on the decoder and ``--body-lr`` on the backbone)
 on the pooled meta-train domains of ``data/prepared`` + ``data/splits`` (run ``make repro`` or ``dvc repro splits``
 first), with every label an episode could ever give it:
 
@@ -33,8 +36,8 @@ from torch import nn  # noqa: E402
 
 from metaseg.data.prepared import PreparedDataset  # noqa: E402
 from metaseg.data.sampler import normalise  # noqa: E402
-from metaseg.meta.algorithms import foreground_miou  # noqa: E402
-from metaseg.meta.inner import forward, seg_loss, task_buffers  # noqa: E402
+from metaseg.meta.algorithms import foreground_miou, train_mode  # noqa: E402
+from metaseg.meta.inner import BN_STATS, forward, seg_loss, task_buffers  # noqa: E402
 from metaseg.models.backbones import BACKBONES, normalization  # noqa: E402
 from metaseg.models.deeplab import build_model  # noqa: E402
 
@@ -50,7 +53,11 @@ def main() -> None:
     ap.add_argument("--prepared", default="data/prepared")
     ap.add_argument("--splits", default="data/splits/splits.json")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backbone", choices=BACKBONES, default="mobilenet_v3_large")
+    ap.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0")
+    ap.add_argument("--weights", choices=("imagenet", "none"), default="imagenet")
+    ap.add_argument("--output-stride", type=int, choices=(8, 16), default=16)
+    ap.add_argument("--body-lr", type=float, default=None, help="backbone lr (default: --lr)")
+    ap.add_argument("--bn-stats", choices=BN_STATS, default="pretrained")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -62,12 +69,18 @@ def main() -> None:
     shown = [train[0], *roles["meta_val"], *roles["meta_test"]]
     num_fg = 1 if args.task == "objects" else max(ds.domain(d).num_classes for d in train)
 
-    model = build_model(args.backbone, aux_loss=True)
+    if args.weights == "none" and args.bn_stats == "pretrained":
+        ap.error("--bn-stats pretrained needs --weights imagenet (a random backbone has no statistics to keep)")
+    model = build_model(args.backbone, aux_loss=True, output_stride=args.output_stride,
+                        backbone_weights=None if args.weights == "none" else args.weights)
     norm = normalization(args.backbone)
     if num_fg != 1:
         model.classifier[4] = nn.Conv2d(model.classifier[4].in_channels, num_fg + 1, 1)
         model.aux_classifier[4] = nn.Conv2d(model.aux_classifier[4].in_channels, num_fg + 1, 1)
-    opt = torch.optim.Adam(model.parameters(), args.lr)
+    body = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    decoder = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    opt = torch.optim.Adam([{"params": body, "lr": args.lr if args.body_lr is None else args.body_lr},
+                            {"params": decoder, "lr": args.lr}])
 
     def labels(masks: np.ndarray) -> torch.Tensor:
         y = torch.from_numpy(masks.astype(np.int64))
@@ -91,12 +104,13 @@ def main() -> None:
         out = {}
         with torch.no_grad():
             for name, (x, y) in fixed.items():
-                tb = task_buffers(model, params, buffers, x[:5])
+                tb = task_buffers(model, params, buffers, x[:5], bn_stats=args.bn_stats)
                 out[name] = foreground_miou(forward(model, params, tb, x)["out"], y, num_fg)
         return out
 
-    print(f"backbone={args.backbone} task={args.task} classes={num_fg} train={','.join(train)} batch={args.batch} "
-          f"lr={args.lr} threads={args.threads}; IoU on 16 images of: {', '.join(shown)}")
+    print(f"backbone={args.backbone} weights={args.weights} os={args.output_stride} size={ds.image_size} "
+          f"task={args.task} classes={num_fg} train={','.join(train)} batch={args.batch} lr={args.lr} "
+          f"body_lr={args.body_lr} bn={args.bn_stats} threads={args.threads}; IoU on 16 images of: {', '.join(shown)}")
     t0 = time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.every == 0:
@@ -106,7 +120,7 @@ def main() -> None:
         if step == args.steps:
             break
         x, y = draw()
-        model.train()
+        train_mode(model, args.bn_stats)
         loss = seg_loss(model(x), y, aux_weight=0.4, balance=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
