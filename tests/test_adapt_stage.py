@@ -145,13 +145,14 @@ def test_baseline_inits() -> None:
         baseline_init("imagnet", model=lite, train=train, image_size=64, scratch_lr=1e-4, seed=SEED)
 
 
-@pytest.mark.parametrize("stride", [16, 8])
-def test_lite0_imagenet_init_deploys_with_its_normalisation(ws: Path, tmp_path: Path, stride: int) -> None:
+@pytest.mark.parametrize(("stride", "stage"), [(16, None), (8, 5)])
+def test_lite0_imagenet_init_deploys_with_its_normalisation(ws: Path, tmp_path: Path, stride: int,
+                                                            stage: int | None) -> None:
     """The imagenet baseline on EfficientNet-Lite0 (pretrained BN statistics in the body) adapts and ships a file
     that computes what the inner loop computed, carrying Lite's mean/std and the output stride."""
     ds, deploy, test = _inputs(ws)
     lite = ModelConfig(backbone="efficientnet_lite0", backbone_weights="imagenet", bn_stats="pretrained",
-                       output_stride=stride)
+                       output_stride=stride, body_stage=stage)
     init = baseline_init("imagenet", model=lite, train=TrainConfig(), image_size=64, scratch_lr=1e-4, seed=SEED)
     m = adapt_deployment(ds.domain(DOMAIN), deploy, test[:4], init, tmp_path / "lite.pt",
                          settings=AdaptSettings(steps=1), seed=SEED, device=torch.device("cpu"))
@@ -159,7 +160,8 @@ def test_lite0_imagenet_init_deploys_with_its_normalisation(ws: Path, tmp_path: 
     model, meta = load_adapted(tmp_path / "lite.pt")
     mean, std = normalization("efficientnet_lite0")
     assert (meta["mean"], meta["std"]) == (list(mean), list(std))
-    assert meta["arch"] == {"backbone": "efficientnet_lite0", "num_classes": 5, "output_stride": stride}
+    assert meta["arch"] == {"backbone": "efficientnet_lite0", "num_classes": 5, "output_stride": stride,
+                            "body_stage": stage}
     # the body kept its ImageNet statistics (bn_stats: pretrained), so the shipped file holds them
     stats = lite_imagenet_state_dict("efficientnet_lite0")["features.0.1.running_var"]
     assert torch.equal(model.state_dict()["backbone.0.1.running_var"], stats)

@@ -153,16 +153,36 @@ def test_normalization_per_backbone() -> None:
         normalization("vgg16")
 
 
+@pytest.mark.parametrize(("stage", "channels", "side"), [(4, 80, 4), (5, 112, 4), (6, 192, 4), (7, 320, 4)])
+def test_body_stage_cuts_the_lite_body(stage: int, channels: int, side: int) -> None:
+    """model.body_stage: the body ends at features[stage] (ImageNet weights still load, a prefix of the full
+    body's); the decoder reads its channels at stride 16 and the output keeps full resolution."""
+    full = build_model(LITE0, backbone_weights=IMAGENET)
+    model = build_model(LITE0, backbone_weights=IMAGENET, body_stage=stage).eval()
+    assert len(model.backbone) == stage + 1
+    own = model.backbone.state_dict()
+    assert all(torch.equal(v, full.backbone.state_dict()[k]) for k, v in own.items())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        assert feats["out"].shape[1:] == (channels, side, side) and feats["aux"].shape[-2:] == (8, 8)
+        assert model(x)["out"].shape == (1, 2, 64, 64)
+    with pytest.raises(ValueError, match="body_stage must be one of 4, 5, 6, 7"):
+        build_model(LITE0, body_stage=3)
+    with pytest.raises(ValueError, match="body_stage is for the efficientnet_lite backbones"):
+        plain_deeplab("mobilenet_v3_large", 2, body_stage=5)
+
+
 def test_normalisation_and_stride_travel_with_an_adapted_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = plain_deeplab(LITE0, 3, output_stride=8).eval()
+    model = plain_deeplab(LITE0, 3, output_stride=8, body_stage=5).eval()
     mean, std = normalization(LITE0)
     path = tmp_path / "adapted.pt"
     save_adapted(path, model.state_dict(), backbone=LITE0, class_names=["background", "a", "b"], image_size=64,
-                 mean=mean, std=std, output_stride=8, domain="d", algorithm="fomaml")
+                 mean=mean, std=std, output_stride=8, body_stage=5, domain="d", algorithm="fomaml")
     loaded, meta = load_adapted(path)
     assert meta["mean"] == list(mean) and meta["std"] == list(std)
-    assert meta["arch"] == {"backbone": LITE0, "num_classes": 3, "output_stride": 8}
+    assert meta["arch"] == {"backbone": LITE0, "num_classes": 3, "output_stride": 8, "body_stage": 5}
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x)["out"], model(x)["out"])

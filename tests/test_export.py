@@ -53,7 +53,7 @@ def test_lite0_round_trip_and_its_normalisation_travels(shape: tuple[int, ...]) 
     written into the ONNX metadata and the card (export/infer.py and the check read it from there)."""
     b = bundle(LITE)
     model, meta = load_adapted(b.adapted)
-    assert meta["arch"] == {"backbone": LITE, "num_classes": len(CLASS_NAMES), "output_stride": 16}
+    assert meta["arch"] == {"backbone": LITE, "num_classes": len(CLASS_NAMES), "output_stride": 16, "body_stage": None}
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(x)["out"].numpy()

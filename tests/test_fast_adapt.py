@@ -92,3 +92,25 @@ def test_head_only_curve_predictions_equal_full_forward() -> None:
         assert torch.allclose(cached, full, atol=1e-5)
     assert not torch.allclose(seen[0][0], seen[-1][0])  # the head did change
     assert torch.allclose(final.predict_logits(query), seen[-1][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_body_lr_scales_only_the_backbone_step(learned: bool) -> None:
+    """adapt.body_lr: one SGD step moves the backbone by body_lr x its gradient and the decoder/head by lr x its
+    gradient (Meta-SGD: its learned rates, the body's scaled by body_lr / inner_lr)."""
+    base = _init()  # rates large enough that a step is far above float32 rounding of the weights
+    init = TrainedInit(**{**base.__dict__, "inner_lr": 0.1, "inner_lrs": {
+        k: torch.full_like(v, 0.1) for k, v in base.params.items()} if learned else None})
+    x, y = task(2, 2, seed=3)
+    delta = {}
+    for body_lr in (None, 1e-2):
+        model = adapt(init, x, y, 2, steps=1, lr=None if learned else 0.1, body_lr=body_lr)
+        start = adapt(init, x, y, 2, steps=0)
+        delta[body_lr] = {k: model.params[k] - start.params[k] for k in start.params}
+    body = [k for k in delta[None] if k.startswith("backbone.") and delta[None][k].abs().max() > 0]
+    rest = [k for k in delta[None] if not k.startswith("backbone.") and delta[None][k].abs().max() > 0]
+    assert body and rest
+    for k in body:
+        torch.testing.assert_close(delta[1e-2][k], delta[None][k] * 0.1, rtol=1e-3, atol=1e-6)
+    for k in rest:
+        torch.testing.assert_close(delta[1e-2][k], delta[None][k], rtol=1e-3, atol=1e-6)

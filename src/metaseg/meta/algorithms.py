@@ -176,13 +176,14 @@ class Algorithm:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 
-    def export_init(self, *, backbone: str, image_size: int, output_stride: int = 16, **extras: Any) -> TrainedInit:
+    def export_init(self, *, backbone: str, image_size: int, output_stride: int = 16, body_stage: int | None = None,
+                    **extras: Any) -> TrainedInit:
         mean, std = normalization(backbone)
         return TrainedInit(algorithm=self.name, backbone=backbone, image_size=image_size,
                            params={k: v.detach().cpu().clone() for k, v in self.model.named_parameters()},
                            buffers={k: v.detach().cpu().clone() for k, v in self.model.named_buffers()},
                            inner_lr=self.inner_lr, adapt_names=sorted(self.adapt_names) if self.adapt_names else None,
-                           output_stride=output_stride, bn_stats=self.bn_stats,
+                           output_stride=output_stride, body_stage=body_stage, bn_stats=self.bn_stats,
                            extras={"aux_weight": self.aux_weight, "dice_weight": self.dice_weight,
                                    "inner_clip": self.inner_clip, "class_balance": self.class_balance,
                                    "mean": list(mean), "std": list(std), **extras})

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from metaseg.meta.inner import Params, forward, inner_loop, seg_loss, task_buffers
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import HEAD_NAMES, build_model, inner_param_names
+
+BODY_PREFIX = "backbone."  # parameters of the pre-trained body (adapt.body_lr)
 from metaseg.models.heads import HeadOnly, baked_head_params, deeplab_features, expand_head, expand_rows
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class TrainedInit:
     head: Literal["replicated", "prototype"] = "replicated"
     proto_scale: float | None = None  # protonet's learned cosine scale
     output_stride: int = 16
+    body_stage: int | None = None  # EfficientNet-Lite: where the body ends (None = the last MBConv stage)
     bn_stats: str = "support"  # which BN layers take the support set's statistics (metaseg.meta.inner.BN_STATS)
     extras: dict[str, Any] = field(default_factory=dict)  # aux_weight, dice_weight, mean, std, config, ...
 
@@ -56,13 +59,13 @@ class TrainedInit:
 
 
 @lru_cache(maxsize=4)
-def _skeleton(backbone: str, aux: bool, output_stride: int) -> nn.Module:
+def _skeleton(backbone: str, aux: bool, output_stride: int, body_stage: int | None) -> nn.Module:
     # functional_call supplies every tensor, so the module's own (random) weights are never used
-    return build_model(backbone, aux_loss=aux, output_stride=output_stride)
+    return build_model(backbone, aux_loss=aux, output_stride=output_stride, body_stage=body_stage)
 
 
 def skeleton(init: TrainedInit, device: torch.device | str) -> nn.Module:
-    return _skeleton(init.backbone, init.aux, init.output_stride).to(device)
+    return _skeleton(init.backbone, init.aux, init.output_stride, init.body_stage).to(device)
 
 
 def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedInit:
@@ -77,7 +80,8 @@ def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedIn
                        params=obj["params"], buffers=obj["buffers"], inner_lr=float(obj["inner_lr"]),
                        inner_lrs=obj.get("inner_lrs"), adapt_names=obj.get("adapt_names"),
                        head=obj.get("head", "replicated"), proto_scale=obj.get("proto_scale"),
-                       output_stride=int(obj.get("output_stride", 16)), bn_stats=obj.get("bn_stats", "support"),
+                       output_stride=int(obj.get("output_stride", 16)), body_stage=obj.get("body_stage"),
+                       bn_stats=obj.get("bn_stats", "support"),
                        extras={**obj.get("extras", {}), **({"config": obj["config"]} if "config" in obj else {})})
 
 
@@ -87,13 +91,14 @@ def init_to_dict(init: TrainedInit) -> dict[str, Any]:
     return {"algorithm": init.algorithm, "backbone": init.backbone, "image_size": init.image_size,
             "params": cpu(init.params), "buffers": cpu(init.buffers), "inner_lr": float(init.inner_lr),
             "inner_lrs": cpu(init.inner_lrs), "adapt_names": init.adapt_names, "head": init.head,
-            "proto_scale": init.proto_scale, "output_stride": init.output_stride, "bn_stats": init.bn_stats,
+            "proto_scale": init.proto_scale, "output_stride": init.output_stride, "body_stage": init.body_stage,
+            "bn_stats": init.bn_stats,
             "extras": init.extras}
 
 
 def fresh_init(name: str, backbone: str, image_size: int, *, inner_lr: float, seed: int,
                backbone_weights: str | None, loss: dict[str, Any], aux_loss: bool = True, output_stride: int = 16,
-               bn_stats: str = "support", inner_params: str = "all") -> TrainedInit:
+               body_stage: int | None = None, bn_stats: str = "support", inner_params: str = "all") -> TrainedInit:
     """An init that saw no meta-train domain: ``scratch`` (random weights, ``backbone_weights=None``) or
     ``imagenet`` (the pre-trained body, a fresh decoder). Its head is the replicated one, and it adapts with the
     same loss settings (``loss``: aux_weight, dice_weight, class_balance, inner_clip) and parameters as a trained
@@ -101,13 +106,14 @@ def fresh_init(name: str, backbone: str, image_size: int, *, inner_lr: float, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(backbone, aux_loss=aux_loss, backbone_weights=backbone_weights,
-                            output_stride=output_stride)
+                            output_stride=output_stride, body_stage=body_stage)
     mean, std = normalization(backbone)
     names = inner_param_names(model, inner_params)
     return TrainedInit(algorithm=name, backbone=backbone, image_size=image_size,
                        params={k: v.detach().clone() for k, v in model.named_parameters()},
                        buffers={k: v.detach().clone() for k, v in model.named_buffers()}, inner_lr=inner_lr,
                        adapt_names=sorted(names) if names is not None else None, output_stride=output_stride,
+                       body_stage=body_stage,
                        bn_stats=bn_stats if backbone_weights is not None else "support",
                        extras={**loss, "mean": list(mean), "std": list(std)})
 
@@ -157,21 +163,29 @@ class AdaptedModel:
         return {k: v.detach().cpu().clone() for k, v in sd.items() if not k.startswith("aux_classifier.")}
 
 
-def _rates(init: TrainedInit, lr: float | None, num_classes: int, device: torch.device) -> float | dict[str, Tensor]:
+def _rates(init: TrainedInit, lr: float | None, body_lr: float | None, params: Params, num_classes: int,
+           device: torch.device) -> float | dict[str, Tensor]:
+    """The step size: one float, or a tensor per parameter (Meta-SGD's learned rates; a separate body rate)."""
+    base = init.inner_lr if lr is None else lr
+    if init.inner_lrs is None and body_lr is None:
+        return base
     if init.inner_lrs is None:
-        return init.inner_lr if lr is None else lr
-    factor = 1.0 if lr is None else lr / init.inner_lr
-    return {k: (expand_rows(v, num_classes) if k in HEAD_NAMES else v).detach().to(device) * factor
-            for k, v in init.inner_lrs.items()}
+        return {k: torch.tensor(body_lr if k.startswith(BODY_PREFIX) else base, dtype=v.dtype, device=v.device)
+                for k, v in params.items()}
+    factor, body_factor = base / init.inner_lr, (base if body_lr is None else body_lr) / init.inner_lr
+    return {k: (expand_rows(v, num_classes) if k in HEAD_NAMES else v).detach().to(device)
+            * (body_factor if k.startswith(BODY_PREFIX) else factor) for k, v in init.inner_lrs.items()}
 
 
 def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: int, *, steps: int,
-          lr: float | None = None, optimizer: str = "sgd", augment: Augment | None = None,
+          lr: float | None = None, body_lr: float | None = None, optimizer: str = "sgd",
+          augment: Augment | None = None,
           batch_size: int | None = None, on_step: Callable[[int, AdaptedModel], None] | None = None,
           generator: torch.Generator | None = None) -> AdaptedModel:
     """Adapt ``init`` to a task with labels 0..num_classes (255 ignore) from its support set.
 
-    lr None = the init's inner lr (Meta-SGD: its learned rates, scaled by lr / inner_lr when lr is given).
+    lr None = the init's inner lr (Meta-SGD: its learned rates, scaled by lr / inner_lr when lr is given);
+    ``body_lr`` (None = lr) is the backbone's rate (Meta-SGD: its body rates scaled by body_lr / inner_lr).
     ANIL adapts only the head; protonet bakes prototypes into the head first. ``augment(x, y)`` acts on
     normalised tensors; ``batch_size`` draws that many support images per step (``generator`` seeds both).
     ``on_step(step, model)`` runs at step 0 (before any update) and after each step.
@@ -221,7 +235,7 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
             on_step(step, AdaptedModel(module, p, stats(step, p), init.backbone, num_classes, body_cache=cache))
 
     losses: list[float] = []
-    rates, clip = _rates(init, lr, num_classes, device), init.extras.get("inner_clip")
+    rates, clip = _rates(init, lr, body_lr, params, num_classes, device), init.extras.get("inner_clip")
     if head_only:
         # head-only (ANIL, protonet): the body is fixed, so its features are computed once; same loop on the 1x1
         # convs (and the per-step models of on_step predict from cached body features, see BodyFeatureCache)

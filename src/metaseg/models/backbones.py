@@ -113,16 +113,26 @@ def _dilate(stage: nn.Sequential, dilation: int) -> None:
             conv.padding = ((k - 1) // 2 * dilation,) * 2
 
 
-def lite_deeplab_body(name: str, output_stride: int) -> tuple[nn.Sequential, int, int, int]:
+LITE_BODY_STAGES = (4, 5, 6, 7)  # valid ``body_stage`` values: after the aux (stride-8) stage 3, up to the last MBConv
+
+
+def lite_deeplab_body(name: str, output_stride: int,
+                      body_stage: int | None = None) -> tuple[nn.Sequential, int, int, int]:
     """(features, out index, out channels, aux index): Lite's ``features`` for DeepLab at ``output_stride``.
 
-    The body ends at the last MBConv stage (the 1280-channel classification conv is dropped); stages after the
-    output stride keep their resolution through dilation. The aux head reads the last stride-8 stage.
+    The body ends at the last MBConv stage (the 1280-channel classification conv is dropped), or at
+    ``features[body_stage]`` when given (5 = the 112-channel stride-16 stage: no stride-32 stages, ~2.5x cheaper);
+    stages after the output stride keep their resolution through dilation. The aux head reads the last stride-8
+    stage.
     """
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+    if body_stage is not None and body_stage not in LITE_BODY_STAGES:
+        raise ValueError(f"body_stage must be one of {', '.join(map(str, LITE_BODY_STAGES))} or null (the whole "
+                         f"body), got {body_stage}")
     feats = efficientnet_lite(name).features
-    out_idx = len(feats) - 2  # the last MBConv stage; features[-1] is the 1280-channel head conv
+    # the last MBConv stage; features[-1] is the 1280-channel head conv
+    out_idx = len(feats) - 2 if body_stage is None else body_stage
     stride, native, dilation, aux_idx = 2, 2, 1, 0  # native: the stride without dilation
     for i in range(1, out_idx + 1):
         first = feats[i][0]

@@ -128,11 +128,11 @@ def resolve_backbone_weights(model: nn.Module, backbone: str, weights: str | Pat
 
 
 def build_model(backbone: str, *, aux_loss: bool = True, backbone_weights: str | Path | None = None,
-                output_stride: int = 16) -> nn.Module:
+                output_stride: int = 16, body_stage: int | None = None) -> nn.Module:
     """DeepLabv3 with a 2-class head (bg, fg), meta-learning safe; never downloads anything.
 
     ``backbone_weights``: None = random init, ``imagenet`` (see ``resolve_backbone_weights``) or a file path."""
-    model = plain_deeplab(backbone, 2, aux_loss=aux_loss, output_stride=output_stride)
+    model = plain_deeplab(backbone, 2, aux_loss=aux_loss, output_stride=output_stride, body_stage=body_stage)
     _swap_hardsigmoid(model)
     _freeze_pooling_bn(model)
     if backbone_weights is not None:
