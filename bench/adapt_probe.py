@@ -4,7 +4,7 @@ python bench/adapt_probe.py --prepared DIR --episodes-file FILE --domain NAME [-
                             [--optimizer adam] [--lr 1e-3] [--body-lr 1e-4] [--steps 20]
                             [--layers all|decoder|head] [--bn-stats pretrained|support] [--body-stage N]
 
-Builds the init with ``fast_adapt.fresh_init`` and adapts it with ``fast_adapt.adapt`` (the code the pipeline's
+Builds the init with ``fast_adapt.fresh_init`` (or loads a trained one, ``--init``) and adapts it with ``fast_adapt.adapt`` (the code the pipeline's
 evaluate stage runs) on the first ``--n`` stored episodes of ``--domain`` per K, printing the accumulated
 foreground mIoU after 0 / 1 / 2 / 5 / 10 / 20 / 30 / 50 steps. ``--body-lr`` is ``adapt.body_lr`` (the
 backbone's own rate); ``--body-stage N`` is ``model.body_stage`` (the EfficientNet-Lite body ends at
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--layers", choices=INNER_PARAMS, default="all")
     ap.add_argument("--bn-stats", choices=BN_STATS, default="pretrained")
     ap.add_argument("--body-stage", type=int, choices=(4, 5, 6, 7), default=None)
+    ap.add_argument("--init", default=None, help="models/train/<alg>.pt instead of the imagenet init")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,12 +58,18 @@ def main() -> None:
     if args.domain not in episodes:
         raise SystemExit(f"{args.episodes_file}: no episodes for domain '{args.domain}' "
                          f"(has: {', '.join(sorted(episodes))})")
-    init = fast_adapt.fresh_init(
-        "imagenet", args.backbone, ds.image_size, inner_lr=args.lr, seed=0, backbone_weights="imagenet",
-        loss={"aux_weight": 0.4, "dice_weight": 0.0, "class_balance": True, "inner_clip": 10.0},
-        output_stride=args.output_stride, body_stage=args.body_stage, bn_stats=args.bn_stats, inner_params=args.layers)
+    if args.init is not None:  # a trained init: its own architecture, BN mode and adapted layers
+        init = fast_adapt.load_init(args.init)
+        args.backbone, args.output_stride, args.body_stage = init.backbone, init.output_stride, init.body_stage
+        args.bn_stats, args.layers = init.bn_stats, "head" if init.adapt_names else "all"
+    else:
+        init = fast_adapt.fresh_init(
+            "imagenet", args.backbone, ds.image_size, inner_lr=args.lr, seed=0, backbone_weights="imagenet",
+            loss={"aux_weight": 0.4, "dice_weight": 0.0, "class_balance": True, "inner_clip": 10.0},
+            output_stride=args.output_stride, body_stage=args.body_stage, bn_stats=args.bn_stats,
+            inner_params=args.layers)
     dom = ds.domain(args.domain)
-    print(f"{args.domain} {ds.image_size}px {args.backbone} os{args.output_stride} body_stage={args.body_stage} "
+    print(f"{args.domain} {ds.image_size}px {init.algorithm} {args.backbone} os{args.output_stride} body_stage={args.body_stage} "
           f"layers={args.layers} bn={args.bn_stats} {args.optimizer} lr={args.lr} body_lr={args.body_lr}")
     t0 = time.perf_counter()
     for k in map(int, args.shots.split(",")):
