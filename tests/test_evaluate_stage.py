@@ -65,7 +65,7 @@ def test_report_table_and_plot_files(ws: Path) -> None:
     with open(out / "plots/curve.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert {(r["init"], int(r["shot"]), int(r["step"])) for r in rows} == {
-        (i, k, s) for i in INITS for k in SHOTS for s in range(STEPS + 1)}
+        (i, k, s) for i in INITS for k in SHOTS for s in range(STEPS + 1)}  # 0, 1, 2: every step on the grid
     for name in ("shots.csv", "domains.csv", *(f"{d}_overlays.png" for d in TEST_DOMAINS)):
         assert (out / "plots" / name).stat().st_size > 0, name
     # step 0 of the curve is the no-adaptation score

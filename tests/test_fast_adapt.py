@@ -114,3 +114,29 @@ def test_body_lr_scales_only_the_backbone_step(learned: bool) -> None:
         torch.testing.assert_close(delta[1e-2][k], delta[None][k] * 0.1, rtol=1e-3, atol=1e-6)
     for k in rest:
         torch.testing.assert_close(delta[1e-2][k], delta[None][k], rtol=1e-3, atol=1e-6)
+
+
+def test_on_step_at_scores_only_the_asked_steps_with_the_same_models() -> None:
+    """evaluate scores the curve on a grid of steps (``on_step_at``): the models it sees there are the ones a
+    dense curve sees, and the adaptation itself is unchanged."""
+    init = _init()
+    x, y = task(2, 2, seed=5)
+    dense: dict[int, torch.Tensor] = {}
+    sparse: dict[int, torch.Tensor] = {}
+    a = adapt(init, x, y, 2, steps=3, on_step=lambda s, m: dense.__setitem__(s, m.predict_logits(x)))
+    b = adapt(init, x, y, 2, steps=3, on_step=lambda s, m: sparse.__setitem__(s, m.predict_logits(x)),
+              on_step_at={0, 2, 3})
+    assert sorted(dense) == [0, 1, 2, 3] and sorted(sparse) == [0, 2, 3]
+    for s in sparse:
+        assert torch.equal(sparse[s], dense[s]), s
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_curve_steps_grid() -> None:
+    from metaseg.evaluate import curve_steps
+
+    assert curve_steps(0) == [0]
+    assert curve_steps(2) == [0, 1, 2]
+    assert curve_steps(5) == [0, 1, 2, 3, 5]
+    assert curve_steps(20) == [0, 1, 2, 3, 5, 10, 15, 20]
+    assert curve_steps(25) == [0, 1, 2, 3, 5, 10, 15, 20, 25]

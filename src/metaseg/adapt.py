@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +77,14 @@ def support_augment(image_size: int, generator: torch.Generator, norm: Norm) -> 
 
 def run_adapt(init: fast_adapt.TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: int, *,
               settings: AdaptSettings, seed: int, image_size: int,
-              on_step: Callable[[int, fast_adapt.AdaptedModel], None] | None = None) -> fast_adapt.AdaptedModel:
+              on_step: Callable[[int, fast_adapt.AdaptedModel], None] | None = None,
+              on_step_at: Collection[int] | None = None) -> fast_adapt.AdaptedModel:
     """``fast_adapt.adapt`` with the `adapt` settings and a fresh CPU generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     augment = support_augment(image_size, generator, init.norm) if settings.augment else None
     return fast_adapt.adapt(init, support_x, support_y, num_classes, steps=settings.steps, lr=settings.lr,
                             body_lr=settings.body_lr, optimizer=settings.optimizer, augment=augment, batch_size=settings.batch_size,
-                            on_step=on_step, generator=generator)
+                            on_step=on_step, on_step_at=on_step_at, generator=generator)
 
 
 def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_size: int, scratch_lr: float,

@@ -2,8 +2,8 @@
 
 For each meta-test domain and K, each stored episode (``episodes.json``, never redrawn here) is assembled once and
 shared by every init. Each init adapts on the episode's support with the ONE inner loop
-(``metaseg.meta.fast_adapt.adapt``); its ``on_step`` hook predicts the query after 0, 1, ..., steps steps, so one
-run gives the whole "mIoU vs adaptation steps" curve (step 0 = the init without adaptation, reported as init
+(``metaseg.meta.fast_adapt.adapt``); its ``on_step`` hook predicts the query after 0, 1, 2, 3, 5, 10, ..., steps
+steps (``curve_steps``), so one run gives the "mIoU vs adaptation steps" curve (step 0 = the init without adaptation, reported as init
 ``<init>_noadapt``). Randomness inside an adaptation (mini-batches, augmentation) comes from a generator seeded by
 (seed, domain, K, episode index) only, so an episode gets the same randomness for every init and every run.
 
@@ -56,15 +56,31 @@ class Overlay:
     preds: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+_CURVE_GRID = (1, 2, 3, 5, 10, 15, 20, 30, 50, 100, 200, 500)
+
+
+def curve_steps(steps: int) -> list[int]:
+    """The adaptation steps the curve is scored at: 0, a fixed grid below ``steps``, and ``steps`` itself.
+
+    Scoring every step would cost a support forward (the BN statistics under the new params) and a query forward
+    per step, about a third of the evaluate stage at 20 steps, for points nobody reads between the grid's."""
+    return sorted({0, steps, *(s for s in _CURVE_GRID if s < steps)})
+
+
 @dataclass
 class EvalResult:
-    """``curves[(domain, init, K)][s]`` = Scores after s steps; ``speed`` = throughput figures."""
+    """``curves[(domain, init, K)][i]`` = Scores after ``curve_steps[i]`` steps (first: 0, last: ``steps``);
+    ``speed`` = throughput figures."""
 
     curves: dict[tuple[str, str, int], list[Scores]]
     overlays: dict[str, list[Overlay]]
     speed: dict[str, float]
     steps: int
     diverged: dict[tuple[str, str, int], int] = field(default_factory=dict)  # episodes with non-finite logits
+
+    @property
+    def curve_steps(self) -> list[int]:
+        return curve_steps(self.steps)
 
     def final(self, domain: str, init: str, shot: int) -> Scores:
         """The score an init reaches: after all steps, or at step 0 for ``<init>_noadapt``."""
@@ -103,8 +119,10 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
     norm = shared_norm(inits)
     overlays = out.overlays
     diverged: dict[str, torch.Tensor] = {}
+    at = curve_steps(settings.steps)
+    index = {s: i for i, s in enumerate(at)}
     for name in inits:
-        out.scorers[name] = [DomainScorer(domain.num_classes, device) for _ in range(settings.steps + 1)]
+        out.scorers[name] = [DomainScorer(domain.num_classes, device) for _ in at]
         diverged[name] = torch.zeros((), dtype=torch.int64, device=device)
     for i, ep in enumerate(episodes):
         batch = episode_batch(domain, ep, norm=norm).to(device)
@@ -123,14 +141,15 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
                 with torch.no_grad():
                     logits = model.predict_logits(batch.query_x)
                 pred = logits.argmax(1)
-                curve[step].add(ep.class_ids, pred, batch.query_y)
+                curve[index[step]].add(ep.class_ids, pred, batch.query_y)
                 if step == settings.steps:  # non-finite logits: the adaptation blew up (lr too high)
                     diverged[name] += (~torch.isfinite(logits)).any()
                 if keep and step == settings.steps:
                     overlays[-1].preds[name] = pred[0].to("cpu", torch.uint8).numpy()
 
             run_adapt(init, batch.support_x, batch.support_y, len(ep.class_ids), settings=settings,
-                      seed=episode_seed(seed, d, k, i), image_size=int(domain.images.shape[1]), on_step=on_step)
+                      seed=episode_seed(seed, d, k, i), image_size=int(domain.images.shape[1]), on_step=on_step,
+                      on_step_at=at)
             out.init_time[name] += time.perf_counter() - t0
         tick()
     out.diverged = {name: int(v) for name, v in diverged.items()}

@@ -39,14 +39,14 @@ def write_plot_data(result: EvalResult, plots: Path, *, domains: list[str], shot
                     inits: list[str]) -> None:
     """Long-format CSVs for DVC plots (a ``series`` column names each line; see docs/plots/series_linear.json).
 
-    curve.csv: series, init, shot, step, miou (mean over domains after 0..steps steps); shots.csv: series, init,
-    shot, miou (after all steps, and ``<init>_noadapt``); domains.csv: domain, init, shot, miou, label.
+    curve.csv: series, init, shot, step, miou (mean over domains after each of ``curve_steps``); shots.csv: series,
+    init, shot, miou (after all steps, and ``<init>_noadapt``); domains.csv: domain, init, shot, miou, label.
     """
     curve_rows, shot_rows, domain_rows = [], [], []
     for init in inits:
         for k in shots:
-            for s in range(result.steps + 1):
-                v = np.mean([result.curves[(d, init, k)][s].miou for d in domains])
+            for i, s in enumerate(result.curve_steps):
+                v = np.mean([result.curves[(d, init, k)][i].miou for d in domains])
                 curve_rows.append([f"{init} {k}-shot", init, k, s, _pct(v)])
     for init in inits + [f"{n}{NOADAPT}" for n in inits]:
         shot_rows += [[init, init, k, _pct(np.mean([result.final(d, init, k).miou for d in domains]))] for k in shots]

@@ -7,7 +7,7 @@ One code path for every algorithm (and the ``scratch`` baseline): task BN statis
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -181,14 +181,15 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
           lr: float | None = None, body_lr: float | None = None, optimizer: str = "sgd",
           augment: Augment | None = None,
           batch_size: int | None = None, on_step: Callable[[int, AdaptedModel], None] | None = None,
-          generator: torch.Generator | None = None) -> AdaptedModel:
+          on_step_at: Collection[int] | None = None, generator: torch.Generator | None = None) -> AdaptedModel:
     """Adapt ``init`` to a task with labels 0..num_classes (255 ignore) from its support set.
 
     lr None = the init's inner lr (Meta-SGD: its learned rates, scaled by lr / inner_lr when lr is given);
     ``body_lr`` (None = lr) is the backbone's rate (Meta-SGD: its body rates scaled by body_lr / inner_lr).
     ANIL adapts only the head; protonet bakes prototypes into the head first. ``augment(x, y)`` acts on
     normalised tensors; ``batch_size`` draws that many support images per step (``generator`` seeds both).
-    ``on_step(step, model)`` runs at step 0 (before any update) and after each step.
+    ``on_step(step, model)`` runs at step 0 (before any update) and after each step (only at the steps in
+    ``on_step_at`` when given: building the model costs a forward over the support set).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -230,7 +231,7 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
         return task_buffers(module, p, stored, support_x, bn_stats=init.bn_stats)
 
     def wrap(step: int, p: Params) -> None:
-        if on_step is not None:
+        if on_step is not None and (on_step_at is None or step in on_step_at):
             p = {k: v.detach() for k, v in p.items()}
             on_step(step, AdaptedModel(module, p, stats(step, p), init.backbone, num_classes, body_cache=cache))
 
