@@ -4,9 +4,9 @@ python bench/adapt_probe.py --prepared DIR --episodes-file FILE --domain NAME [-
                             [--optimizer adam] [--lr 1e-3] [--body-lr 1e-4] [--steps 20]
                             [--layers all|decoder|head] [--bn-stats pretrained|support] [--body-stage N]
 
-Builds the init with ``fast_adapt.fresh_init`` (or loads a trained one, ``--init``) and adapts it with ``fast_adapt.adapt`` (the code the pipeline's
-evaluate stage runs) on the first ``--n`` stored episodes of ``--domain`` per K, printing the accumulated
-foreground mIoU after 0 / 1 / 2 / 5 / 10 / 20 / 30 / 50 steps. ``--body-lr`` is ``adapt.body_lr`` (the
+Builds the init with ``fast_adapt.fresh_init`` (or loads a trained one, ``--init``) and scores it with the
+evaluate stage's own ``evaluate_inits`` on the first ``--n`` stored episodes of ``--domain`` per K, printing the
+accumulated foreground mIoU on the evaluate curve's step grid (0 / 1 / 2 / 3 / 5 / 10 / 15 / 20 / ...). ``--body-lr`` is ``adapt.body_lr`` (the
 backbone's own rate); ``--body-stage N`` is ``model.body_stage`` (the EfficientNet-Lite body ends at
 ``features[N]``; 5 = Lite0's 112-channel stride-16 stage). Tune on meta-val domains only; a meta-test domain is
 for diagnosis.
@@ -22,14 +22,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from metaseg.data.prepared import PreparedDataset  # noqa: E402
-from metaseg.data.sampler import episode_batch  # noqa: E402
 from metaseg.data.splits import load_episodes  # noqa: E402
-from metaseg.evaluation import DomainScorer  # noqa: E402
+from metaseg.adapt import AdaptSettings  # noqa: E402
+from metaseg.evaluate import evaluate_inits  # noqa: E402
 from metaseg.meta import fast_adapt  # noqa: E402
 from metaseg.meta.inner import BN_STATS  # noqa: E402
 from metaseg.models.deeplab import INNER_PARAMS  # noqa: E402
-
-SHOWN = (0, 1, 2, 5, 10, 20, 30, 50)
 
 
 def main() -> None:
@@ -68,23 +66,17 @@ def main() -> None:
             loss={"aux_weight": 0.4, "dice_weight": 0.0, "class_balance": True, "inner_clip": 10.0},
             output_stride=args.output_stride, body_stage=args.body_stage, bn_stats=args.bn_stats,
             inner_params=args.layers)
-    dom = ds.domain(args.domain)
-    print(f"{args.domain} {ds.image_size}px {init.algorithm} {args.backbone} os{args.output_stride} body_stage={args.body_stage} "
-          f"layers={args.layers} bn={args.bn_stats} {args.optimizer} lr={args.lr} body_lr={args.body_lr}")
+    print(f"{args.domain} {ds.image_size}px {init.algorithm} {args.backbone} os{args.output_stride} "
+          f"body_stage={args.body_stage} layers={args.layers} bn={args.bn_stats} {args.optimizer} lr={args.lr} "
+          f"body_lr={args.body_lr}")
+    settings = AdaptSettings(steps=args.steps, lr=args.lr, optimizer=args.optimizer, body_lr=args.body_lr)
     t0 = time.perf_counter()
     for k in map(int, args.shots.split(",")):
-        scorers = [DomainScorer(dom.num_classes) for _ in range(args.steps + 1)]
-        for ep in episodes[args.domain][k][: args.n]:
-            b = episode_batch(dom, ep, norm=init.norm)
-
-            def on_step(step: int, model: fast_adapt.AdaptedModel, b=b, ep=ep) -> None:
-                scorers[step].add(ep.class_ids, model.predict_logits(b.query_x).argmax(1), b.query_y)
-
-            fast_adapt.adapt(init, b.support_x, b.support_y, len(ep.class_ids), steps=args.steps,
-                             lr=args.lr, body_lr=args.body_lr, optimizer=args.optimizer,
-                             on_step=on_step)
-        curve = [100 * s.summary().miou for s in scorers]
-        print(f"  K={k}: " + "  ".join(f"{i}:{curve[i]:.1f}" for i in SHOWN if i < len(curve)) +
+        result = evaluate_inits(ds, {args.domain: {k: episodes[args.domain][k][: args.n]}}, {init.algorithm: init},
+                                domains=[args.domain], shots=[k], settings=settings, device=torch.device("cpu"),
+                                seed=0, progress=False)
+        curve = result.curves[(args.domain, init.algorithm, k)]
+        print(f"  K={k}: " + "  ".join(f"{s}:{100 * c.miou:.1f}" for s, c in zip(result.curve_steps, curve)) +
               f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

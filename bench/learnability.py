@@ -39,7 +39,7 @@ from metaseg.data.sampler import normalise  # noqa: E402
 from metaseg.meta.algorithms import foreground_miou, train_mode  # noqa: E402
 from metaseg.meta.inner import BN_STATS, forward, seg_loss, task_buffers  # noqa: E402
 from metaseg.models.backbones import BACKBONES, normalization  # noqa: E402
-from metaseg.models.deeplab import build_model  # noqa: E402
+from metaseg.models.deeplab import BODY_PREFIX, build_model  # noqa: E402
 
 
 def main() -> None:
@@ -77,8 +77,8 @@ def main() -> None:
     if num_fg != 1:
         model.classifier[4] = nn.Conv2d(model.classifier[4].in_channels, num_fg + 1, 1)
         model.aux_classifier[4] = nn.Conv2d(model.aux_classifier[4].in_channels, num_fg + 1, 1)
-    body = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    decoder = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    body = [p for n, p in model.named_parameters() if n.startswith(BODY_PREFIX)]
+    decoder = [p for n, p in model.named_parameters() if not n.startswith(BODY_PREFIX)]
     opt = torch.optim.Adam([{"params": body, "lr": args.lr if args.body_lr is None else args.body_lr},
                             {"params": decoder, "lr": args.lr}])
 

@@ -83,8 +83,8 @@ def run_adapt(init: fast_adapt.TrainedInit, support_x: Tensor, support_y: Tensor
     generator = torch.Generator().manual_seed(seed)
     augment = support_augment(image_size, generator, init.norm) if settings.augment else None
     return fast_adapt.adapt(init, support_x, support_y, num_classes, steps=settings.steps, lr=settings.lr,
-                            body_lr=settings.body_lr, optimizer=settings.optimizer, augment=augment, batch_size=settings.batch_size,
-                            on_step=on_step, on_step_at=on_step_at, generator=generator)
+                            body_lr=settings.body_lr, optimizer=settings.optimizer, augment=augment,
+                            batch_size=settings.batch_size, on_step=on_step, on_step_at=on_step_at, generator=generator)
 
 
 def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_size: int, scratch_lr: float,
@@ -103,7 +103,8 @@ def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_si
     return fast_adapt.fresh_init(name, model.backbone, image_size, seed=seed, loss=loss, aux_loss=model.aux_loss,
                                  inner_lr=scratch_lr if name == SCRATCH else train.inner_lr,
                                  backbone_weights=None if name == SCRATCH else model.backbone_weights,
-                                 output_stride=model.output_stride, body_stage=model.body_stage, bn_stats=model.bn_stats,
+                                 output_stride=model.output_stride, body_stage=model.body_stage,
+                                 bn_stats=model.bn_stats,
                                  inner_params=train.inner_params)
 
 

@@ -3,9 +3,10 @@
 For each meta-test domain and K, each stored episode (``episodes.json``, never redrawn here) is assembled once and
 shared by every init. Each init adapts on the episode's support with the ONE inner loop
 (``metaseg.meta.fast_adapt.adapt``); its ``on_step`` hook predicts the query after 0, 1, 2, 3, 5, 10, ..., steps
-steps (``curve_steps``), so one run gives the "mIoU vs adaptation steps" curve (step 0 = the init without adaptation, reported as init
-``<init>_noadapt``). Randomness inside an adaptation (mini-batches, augmentation) comes from a generator seeded by
-(seed, domain, K, episode index) only, so an episode gets the same randomness for every init and every run.
+steps (``curve_steps``), so one run gives the "mIoU vs adaptation steps" curve (step 0 = the init without
+adaptation, reported as init ``<init>_noadapt``). Randomness inside an adaptation (mini-batches, augmentation)
+comes from a generator seeded by (seed, domain, K, episode index) only, so an episode gets the same randomness
+for every init and every run.
 
 Scores are in percent (0-100): mIoU and FB-IoU accumulated over the episodes (``metaseg.evaluation``), and the
 per-episode mean with its 95% CI half-width.

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metaseg.models.deeplab import BODY_PREFIX
+
 IGNORE = 255
 Params = dict[str, Tensor]
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -36,7 +38,7 @@ def support_stat_layer(name: str, bn_stats: str) -> bool:
     backbone keeps the running statistics it was pre-trained (or supervised-trained) with."""
     if bn_stats not in BN_STATS:
         raise ValueError(f"unknown bn_stats '{bn_stats}' (expected one of {', '.join(BN_STATS)})")
-    return bn_stats == "support" or not name.startswith("backbone.")
+    return bn_stats == "support" or not name.startswith(BODY_PREFIX)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from metaseg.models.backbones import (IMAGENET, LITE, efficientnet_lite, lite_im
 
 log = logging.getLogger(__name__)
 
+BODY_PREFIX = "backbone."  # every parameter and buffer of the (pre-trained) body; the rest is the decoder
 HEAD_NAMES = ("classifier.4.weight", "classifier.4.bias", "aux_classifier.4.weight", "aux_classifier.4.bias")
 
 
