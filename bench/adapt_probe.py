@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--layers", choices=INNER_PARAMS, default="all")
     ap.add_argument("--bn-stats", choices=BN_STATS, default="pretrained")
     ap.add_argument("--body-stage", type=int, choices=(4, 5, 6, 7), default=None)
+    ap.add_argument("--aux-weight", type=float, default=0.4, help="train.aux_weight (0 = no aux loss)")
+    ap.add_argument("--class-balance", choices=("on", "off"), default="on", help="train.class_balance")
     ap.add_argument("--init", default=None, help="models/train/<alg>.pt instead of the imagenet init")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -63,12 +65,13 @@ def main() -> None:
     else:
         init = fast_adapt.fresh_init(
             "imagenet", args.backbone, ds.image_size, inner_lr=args.lr, seed=0, backbone_weights="imagenet",
-            loss={"aux_weight": 0.4, "dice_weight": 0.0, "class_balance": True, "inner_clip": 10.0},
+            loss={"aux_weight": args.aux_weight, "dice_weight": 0.0,
+                  "class_balance": args.class_balance == "on", "inner_clip": 10.0},
             output_stride=args.output_stride, body_stage=args.body_stage, bn_stats=args.bn_stats,
             inner_params=args.layers)
     print(f"{args.domain} {ds.image_size}px {init.algorithm} {args.backbone} os{args.output_stride} "
           f"body_stage={args.body_stage} layers={args.layers} bn={args.bn_stats} {args.optimizer} lr={args.lr} "
-          f"body_lr={args.body_lr}")
+          f"body_lr={args.body_lr} aux={args.aux_weight} balance={args.class_balance}")
     settings = AdaptSettings(steps=args.steps, lr=args.lr, optimizer=args.optimizer, body_lr=args.body_lr)
     t0 = time.perf_counter()
     for k in map(int, args.shots.split(",")):

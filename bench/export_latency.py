@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import export_fp32, to_fp16, to_int8  # noqa: E402
-from export.runtime_check import BATCH, OrtRunner, choose_providers, confusion_matrix, strict_fp32  # noqa: E402
+from export.runtime_check import BATCH, OrtRunner, choose_providers, pool_miou, strict_fp32  # noqa: E402
 from metaseg.models.adapted import plain_deeplab  # noqa: E402
 from metaseg.models.backbones import BACKBONES, normalization  # noqa: E402
 
@@ -179,7 +179,7 @@ def cuda_rows(model: torch.nn.Module, fp32: bytes, args: argparse.Namespace) -> 
             (got - ref).abs().max()
             pred = got.argmax(1)
             (pred == ref.argmax(1)).sum()
-            confusion_matrix(pred, target, NUM_CLASSES)
+            pool_miou([pred], target, NUM_CLASSES)
 
         ms = side_by_side({"torch": lambda: model(x1)["out"], "ort": lambda: runner(x1), "ort8": lambda: runner(x8),
                            "check8": check_batch}, runs=args.runs, rounds=args.rounds, warmup=args.warmup,

@@ -29,6 +29,7 @@ from export.infer import preprocess
 from metaseg.cli import InputError
 from metaseg.config import ConfigError
 from metaseg.data.prepared import PreparedDataset
+from metaseg.models.deeplab import HEAD_NAMES
 from metaseg.io import atomic_dir, read_json, write_bytes, write_json
 from metaseg.models.adapted import load_adapted
 
@@ -138,6 +139,19 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return half
 
 
+CLASSIFIER_WEIGHT = HEAD_NAMES[0]  # "classifier.4.weight": the DeepLab head's final 1x1 conv
+
+
+def classifier_node(model: onnx.ModelProto) -> str:
+    """The name of the Conv node that reads the classifier weight (the exporter may prefix the torch name, e.g.
+    ``model.classifier.4.weight``); found by initializer name, not by position in the graph."""
+    found = [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and
+             (n.input[1] == CLASSIFIER_WEIGHT or n.input[1].endswith("." + CLASSIFIER_WEIGHT))]
+    if len(found) != 1:
+        raise ValueError(f"expected one Conv reading '{CLASSIFIER_WEIGHT}' in the exported graph, found {len(found)}")
+    return found[0]
+
+
 def to_int8(model: onnx.ModelProto, images: np.ndarray, mean: list[float], std: list[float]) -> onnx.ModelProto:
     """Static QDQ, per-channel weights, calibrated on ``images`` (uint8 [N,H,W,3]) preprocessed as infer.py does.
 
@@ -166,9 +180,8 @@ def to_int8(model: onnx.ModelProto, images: np.ndarray, mean: list[float], std: 
     with tempfile.TemporaryDirectory(prefix="metaseg-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, src)
-        classifier = [n.name for n in model.graph.node if n.op_type == "Conv"][-1:]
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, nodes_to_exclude=classifier)
+                        reduce_range=True, nodes_to_exclude=[classifier_node(model)])
         return onnx.load(dst)
 
 

@@ -39,8 +39,10 @@ def main(args: argparse.Namespace) -> None:
                             settings=AdaptSettings.from_config(cfg["adapt"]), device=device, seed=base.seed,
                             ci=ev.ci, bootstrap_samples=ev.bootstrap_samples, overlay_images=ev.overlay_images,
                             workers=ev.workers)
+    meta_algs = [a for a in algorithms if a != "transfer"]
+    meta_val = {a: float(inits[a].extras.get("val_miou", float("nan"))) for a in meta_algs}  # train's choice score
     metrics = write_outputs(result, Path(args.results), domains=domains, shots=shots, inits=list(inits),
-                            meta_algs=[a for a in algorithms if a != "transfer"], no_adapt=ev.no_adapt, ci=ev.ci,
+                            meta_algs=meta_algs, meta_val=meta_val, no_adapt=ev.no_adapt, ci=ev.ci,
                             bootstrap_samples=ev.bootstrap_samples, seed=base.seed)
     log.info("wrote %s (%d metrics)", args.results, len(metrics))
 

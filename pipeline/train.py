@@ -18,11 +18,12 @@ from metaseg.train import TrainingDiverged, train
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = load_config(args.params, "base", "model", "train")
+    cfg = load_config(args.params, "base", "model", "train", "adapt")
     stop = os.environ.get("METASEG_STOP_AFTER")
     try:
         train(args.algorithm, prepared=args.prepared, splits=args.splits, out=args.out, checkpoints=args.checkpoints,
               results=args.results, base=cfg["base"], model_cfg=cfg["model"], cfg=cfg["train"],
+              adapt_cfg=cfg["adapt"],
               stop_after=int(stop) if stop else None)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)

@@ -32,7 +32,7 @@ def params(**sections: dict[str, object]) -> dict[str, dict[str, object]]:
         "base": {"seed": SEED, "image_size": SIZE, "device": "cpu"},
         # the tiny random-init backbone, not the params default (Lite0 with ImageNet weights): fast stage tests
         "model": {"backbone": BACKBONE, "backbone_weights": None, "bn_stats": "support"},
-        "splits": {"meta_train": ["meadow"], "meta_val": [], "meta_test": TEST_DOMAINS, "shots": [1, 2],
+        "splits": {"meta_train": ["meadow"], "meta_val": ["desert"], "meta_test": TEST_DOMAINS, "shots": [1, 2],
                    "episodes": 2, "queries": 1, "support_pool": 0.5, "deploy_shots": 1},
         "train": {"algorithms": ALGORITHMS},
         "adapt": {"steps": 2},
@@ -47,7 +47,7 @@ def make_workspace(root: Path, **sections: dict[str, object]) -> Path:
     """root/{params.yaml, data/prepared, data/splits, models/train/<alg>.pt}; returns root."""
     p = params(**sections)
     (root / "params.yaml").write_text(yaml.safe_dump(p), encoding="utf-8")
-    names = ["meadow", *TEST_DOMAINS]
+    names = ["meadow", "desert", *TEST_DOMAINS]
     write_prepared(root / "data/prepared", [generate_domain(n, 12, SIZE, SEED) for n in names], source="synthetic",
                    image_size=SIZE)
     dataset = PreparedDataset(root / "data/prepared")
@@ -57,5 +57,6 @@ def make_workspace(root: Path, **sections: dict[str, object]) -> Path:
         init = fast_adapt.fresh_init("scratch", BACKBONE, SIZE, inner_lr=0.05, seed=100 + i, backbone_weights=None,
                                      loss=LOSS)
         init = dataclasses.replace(init, algorithm=alg, adapt_names=list(HEAD_NAMES))  # ANIL-like: stable at 0.05
-        torch.save(fast_adapt.init_to_dict(init), root / f"models/train/{alg}.pt")
+        # as the train stage writes it: the weights plus the meta-val score they were chosen on
+        torch.save({**fast_adapt.init_to_dict(init), "val_miou": 12.5}, root / f"models/train/{alg}.pt")
     return root

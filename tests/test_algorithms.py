@@ -74,7 +74,8 @@ def test_metasgd_rates_change_after_a_step() -> None:
 
 def test_reptile_update_is_the_interpolation() -> None:
     net = _tiny().float()
-    algo = make_algorithm("reptile", net, inner_steps=2, inner_lr=0.1, reptile_epsilon=0.25, aux_weight=0.0)
+    algo = make_algorithm("reptile", net, inner_steps=2, inner_lr=0.1, outer_optimizer="sgd", outer_lr=0.25,
+                          aux_weight=0.0)
     tasks = [_task(seed=s, size=12) for s in (1, 2)]
     theta = {k: v.detach().clone() for k, v in net.named_parameters()}
     target = {k: torch.zeros_like(v) for k, v in theta.items()}
@@ -87,6 +88,23 @@ def test_reptile_update_is_the_interpolation() -> None:
     algo.step(tasks)
     for k, p in net.named_parameters():
         assert torch.allclose(p, theta[k] + 0.25 * (target[k] - theta[k]), atol=1e-6), k
+
+
+
+@pytest.mark.parametrize("setting", [{"outer_optimizer": "adam"}, {"weight_decay": 0.5}, {"outer_clip": 1e-3},
+                                     {"outer_lr": 0.5}])
+def test_reptile_honours_the_outer_settings(setting: dict[str, object]) -> None:
+    """Every train.* outer setting acts on Reptile too (it used to run plain SGD at a fixed epsilon)."""
+    def updated(**kw: object) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        net = _tiny().float()
+        algo = make_algorithm("reptile", net, inner_steps=1, inner_lr=0.1, aux_weight=0.0,
+                              **{"outer_optimizer": "sgd", "outer_lr": 0.25, **kw})
+        algo.step([_task(seed=1, size=12)])
+        return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+    plain, changed = updated(), updated(**setting)
+    assert any(not torch.allclose(plain[k], changed[k]) for k in plain), setting
 
 
 def test_transfer_loss_drops() -> None:

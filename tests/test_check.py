@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import pytest
 import torch
 import yaml
 
-from export.runtime_check import CheckFailed, confusion_matrix, enforce, format_table, miou, run_checks
+from export.onnx_export import classifier_node
+from export.runtime_check import CheckFailed, enforce, format_table, pool_miou, run_checks
+from metaseg.evaluation import iou_of_labels
 from tests.onnx_helpers import ALGORITHM, BACKBONE, DOMAIN, LITE, adapted_root, bundle, check_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,12 +27,14 @@ def _check(onnx_root: Path, backbone: str = BACKBONE, **changes: object) -> list
     return run_checks(onnx_root, adapted_root(b), b.prepared, b.splits, **check_config(**changes).model_dump())
 
 
-def test_confusion_matrix_and_miou() -> None:
-    target = torch.tensor([[0, 0, 1, 255]])
-    pred = torch.tensor([[0, 1, 1, 2]])
-    cm = confusion_matrix(pred, target, 3)
-    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]  # the ignore pixel is not counted
-    assert miou(cm) == pytest.approx(50.0)  # class 2 is absent from both: not averaged
+def test_check_miou_is_the_evaluation_miou() -> None:
+    """The check's mIoU is the number adapt and evaluate report: foreground classes only, 255 ignored, summed over
+    the pool's batches (background agreement does not count)."""
+    target = torch.tensor([[[0, 0, 0, 0, 1, 255]], [[0, 0, 0, 0, 1, 1]]])
+    pred = torch.tensor([[[0, 0, 0, 0, 1, 1]], [[0, 0, 0, 0, 0, 2]]])
+    assert pool_miou([pred[:1], pred[1:]], target, 3) == pytest.approx(100 / 6)  # mean of class 1: 1/3, class 2: 0/1
+    assert pool_miou([pred], target, 3) == pytest.approx(100 * iou_of_labels(pred, target, 2)[0])
+    assert math.isnan(pool_miou([torch.zeros_like(pred)], torch.zeros_like(target), 2))  # nothing to score
 
 
 @pytest.mark.parametrize("backbone", [BACKBONE, LITE])
@@ -46,18 +51,23 @@ def test_every_precision_passes_on_cpu(backbone: str) -> None:
         assert r["latency_p50_ms"] > 0 and r["throughput_ips"] > 0 and r["ort_over_torch"] > 0
         assert r["passed"], f"{r['precision']}: {r}"
     assert by["fp32"]["max_diff"] <= 1e-4 and by["fp32"]["agreement"] >= 0.999
+    assert by["fp16"]["agreement"] >= 0.995 and by["int8"]["agreement"] >= 0.93  # the per-precision floors
     for precision in ("fp16", "int8"):
         assert by[precision]["miou"] >= by[precision]["torch_miou"] - 1.0
     enforce(rows)  # no exception
 
 
-def _perturb(src: Path, dst: Path) -> None:
-    """Copy the fp32 file with one weight of the final classifier conv changed."""
+def _perturb(src: Path, dst: Path, *, whole: bool = False) -> None:
+    """Copy the file with one weight of the final classifier conv (kept in float in every precision) negated, or
+    with the whole classifier negated (``whole``: the argmax flips almost everywhere)."""
     model = onnx.load(src)
-    last_conv = [n for n in model.graph.node if n.op_type == "Conv"][-1]
-    init = next(i for i in model.graph.initializer if i.name == last_conv.input[1])
+    conv = next(n for n in model.graph.node if n.name == classifier_node(model))
+    init = next(i for i in model.graph.initializer if i.name == conv.input[1])
     w = onnx.numpy_helper.to_array(init).copy()
-    w.flat[int(np.abs(w).argmax())] *= -1.0
+    if whole:
+        w *= -1.0
+    else:
+        w.flat[int(np.abs(w).argmax())] *= -1.0
     init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
     dst.parent.mkdir(parents=True)
     onnx.save(model, dst)
@@ -84,8 +94,24 @@ def test_perturbed_model_fails_the_stage(tmp_path: Path) -> None:
     assert [v["precision"] for v in verified] == ["fp16"]
 
 
+def test_perturbed_int8_model_fails_on_its_agreement_floor(tmp_path: Path) -> None:
+    """int8 is held to its own agreement floor (check.min_agreement.int8), not only to the mIoU drop; the table
+    says which gate broke."""
+    b = bundle()
+    onnx_root = tmp_path / "onnx"
+    _perturb(b.onnx_dir / "model.int8.onnx", onnx_root / DOMAIN / ALGORITHM / "model.int8.onnx", whole=True)
+    rows = run_checks(onnx_root, adapted_root(b), b.prepared, b.splits, **check_config().model_dump())
+    (row,) = rows
+    assert not row["passed"] and row["agreement"] < row["agreement_floor"] == 0.93
+    assert f"agreement {row['agreement']:.4f} < 0.93" in row["why"]
+    table = format_table(rows)
+    assert "agreement_floor" in table.splitlines()[0] and row["why"] in table
+    with pytest.raises(CheckFailed, match=r"toy/transfer/int8 \(agreement 0\.\d+ < 0\.93"):
+        enforce(rows)
+
+
 def test_enforce_raises_one_line() -> None:
-    rows = [{"domain": "d", "algorithm": "a", "precision": "int8", "passed": False}]
+    rows = [{"domain": "d", "algorithm": "a", "precision": "int8", "passed": False, "why": "agreement 0.5 < 0.93"}]
     with pytest.raises(CheckFailed, match=r"^1 of 1 ONNX model\(s\) failed the runtime check: d/a/int8 "):
         enforce(rows)
 

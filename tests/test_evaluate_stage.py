@@ -61,7 +61,8 @@ def test_report_table_and_plot_files(ws: Path) -> None:
     assert "| domain | K | fomaml | transfer | scratch | winner | CI vs runner-up |" in report
     for d in TEST_DOMAINS:
         assert f"| {d} | 1 |" in report and f"| {d} | 2 |" in report
-    assert "Claim check (1-shot" in report and ("MET." in report)
+    assert "Claim check (1-shot" in report and ("): MET.**" in report or "): NOT MET.**" in report)
+    assert "`fomaml` is the best meta-learning algorithm by meta-val score (`fomaml` 12.5)" in report
     with open(out / "plots/curve.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert {(r["init"], int(r["shot"]), int(r["step"])) for r in rows} == {

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_export import ExportError, params_hash, verify
+from export.onnx_export import CLASSIFIER_WEIGHT, ExportError, classifier_node, params_hash, verify
 from metaseg.models.adapted import load_adapted
 from metaseg.models.backbones import normalization
 from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, SIZE, bundle, export_config
@@ -83,6 +83,25 @@ def test_card_and_sizes() -> None:
     assert "export/infer.py" in card["how_to_run"]
     assert b.export_metrics["fp16_over_fp32"] <= 0.52
     assert b.export_metrics["int8_over_fp32"] <= 0.30
+
+
+def test_int8_keeps_the_classifier_conv_float_and_quantises_the_rest() -> None:
+    """The int8 exclusion is found by the classifier's initializer name, not by graph position: in the int8 file
+    that Conv reads the float weight directly, every other Conv a DequantizeLinear output."""
+    model = onnx.load(bundle().onnx_dir / "model.int8.onnx")
+    name = classifier_node(onnx.load(bundle().onnx_dir / "model.fp32.onnx"))
+    convs = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert convs[name].input[1].endswith(CLASSIFIER_WEIGHT)
+    others = [n for k, n in convs.items() if k != name]
+    assert others and all(n.input[1] in dq_outputs for n in others)
+    broken = onnx.load(bundle().onnx_dir / "model.fp32.onnx")
+    for init in broken.graph.initializer:
+        init.name = init.name.replace("classifier.4", "head.9")
+    for node in broken.graph.node:
+        node.input[:] = [i.replace("classifier.4", "head.9") for i in node.input]
+    with pytest.raises(ValueError, match="expected one Conv reading 'classifier.4.weight'"):
+        classifier_node(broken)
 
 
 def test_checker_failure_is_one_line() -> None:

@@ -43,3 +43,59 @@ def test_train_stages_rerun_on_their_keys_only() -> None:
 def test_splits_change_does_not_rerun_prepare() -> None:
     assert not any(p.startswith("splits") for p in _declared("prepare"))
     assert "splits" in _declared("splits")
+
+
+# modules every stage imports that compute no result: argument parsing and logging, params validation (every key is
+# spelled out in params.yaml, which DVC tracks, so a code default never decides a run), atomic file writes
+_INFRASTRUCTURE = {"src/metaseg/cli.py", "src/metaseg/config.py", "src/metaseg/io.py"}
+
+
+def _module_file(name: str) -> str | None:
+    """The repository file of a first-party module (metaseg.*, export.*), or None."""
+    parts = name.split(".")
+    if parts[0] == "metaseg":
+        base = ROOT / "src" / Path(*parts)
+    elif parts[0] == "export":
+        base = ROOT / Path(*parts)
+    else:
+        return None
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path.relative_to(ROOT).as_posix()
+    return None
+
+
+def _import_closure(script: str) -> set[str]:
+    """Every first-party file ``script`` imports, directly or through others (function-local imports included)."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [script]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse((ROOT / path).read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                found = _module_file(name)
+                if found is not None:
+                    todo.append(found)
+    return {p for p in seen if not p.endswith("__init__.py") or (ROOT / p).stat().st_size > 200}
+
+
+def test_every_stage_depends_on_the_code_it_runs() -> None:
+    """An edit to any module a stage imports reruns that stage: its dvc.yaml deps cover its import closure."""
+    missing = {}
+    for name in DVC:
+        deps = [d for d in _stage(name)["deps"] if "$" not in d]
+        closure = _import_closure(f"pipeline/{name}.py") - _INFRASTRUCTURE
+        uncovered = sorted(f for f in closure if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+        if uncovered:
+            missing[name] = uncovered
+    assert not missing, f"stage deps miss imported code: {missing}"

@@ -7,20 +7,22 @@ import pytest
 import torch
 from meta_helpers import SIZE, make_fixture
 
-from metaseg.config import BaseConfig, ModelConfig, TrainConfig
+from metaseg.config import AdaptConfig, BaseConfig, ModelConfig, SplitsConfig, TrainConfig
 from metaseg.meta import algorithms
+from metaseg import train as train_mod
 from metaseg.train import TrainingDiverged, train
 
 BASE = BaseConfig(seed=0, image_size=SIZE, device="cpu")
 MODEL = ModelConfig(backbone="mobilenet_v3_large", backbone_weights=None, bn_stats="support")  # tiny, random init
 CFG = TrainConfig(iterations=4, meta_batch=1, shots=1, queries=1, inner_steps=1, inner_lr=1e-4, outer_lr=1e-4,
                   val_every=2, val_episodes=1, checkpoint_every=2, augment=True)
+ADAPT = AdaptConfig(steps=1, lr=1e-4, optimizer="sgd")
 
 
 def _run(tmp, prepared, splits, name: str, cfg: TrainConfig = CFG, **kw):
     d = tmp / name
     return d, train("fomaml", prepared=prepared, splits=splits, out=d / "init.pt", checkpoints=d / "ck",
-                    results=d / "results", base=BASE, model_cfg=MODEL, cfg=cfg, **kw)
+                    results=d / "results", base=BASE, model_cfg=MODEL, cfg=cfg, adapt_cfg=kw.pop("adapt_cfg", ADAPT), **kw)
 
 
 def test_resumed_run_reaches_the_same_weights(tmp_path) -> None:
@@ -59,3 +61,63 @@ def test_nan_loss_stops_with_one_line_and_writes_nothing(tmp_path, monkeypatch) 
     assert "\n" not in str(err.value)
     assert not (d / "init.pt").exists()
     assert torch.load(d / "ck" / "last.pt", weights_only=False)["iteration"] == 2
+
+
+def test_meta_val_scores_as_the_evaluate_stage_does(tmp_path, monkeypatch) -> None:
+    """The number a checkpoint is chosen on is the evaluate stage's number: the same function, the adapt rule."""
+    prepared, splits = make_fixture(tmp_path)
+    seen = []
+    real = train_mod.evaluate_inits
+
+    def spy(*args, **kw):
+        seen.append(kw["settings"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "evaluate_inits", spy)
+    adapt_cfg = AdaptConfig(steps=2, lr=3e-4, body_lr=1e-5, optimizer="adam")
+    d, metrics = _run(tmp_path, prepared, splits, "val", adapt_cfg=adapt_cfg)
+    assert len(seen) == 3 and all(s.steps == 2 and s.optimizer == "adam" and s.lr == 3e-4 and s.body_lr == 1e-5
+                                  for s in seen)
+    best = torch.load(d / "init.pt", weights_only=False)
+    assert best["val_miou"] == pytest.approx(metrics["best_val_miou"])
+    assert 0 <= metrics["best_val_miou"] <= 100  # percent, like the evaluate report
+
+
+def test_all_nan_validation_ships_the_last_iteration_not_the_untrained_init(tmp_path, monkeypatch) -> None:
+    prepared, splits = make_fixture(tmp_path)
+    monkeypatch.setattr(train_mod, "meta_validate", lambda *a, **k: float("nan"))
+    d, metrics = _run(tmp_path, prepared, splits, "nanval")
+    shipped = torch.load(d / "init.pt", weights_only=False)
+    assert shipped["iteration"] == CFG.iterations and metrics["best_iteration"] == CFG.iterations
+    last = torch.load(d / "ck" / "last.pt", weights_only=False)["algorithm"]["model"]
+    assert all(torch.equal(shipped["params"][k], last[k]) for k in shipped["params"])
+
+
+def test_empty_meta_val_is_rejected() -> None:
+    with pytest.raises(ValueError, match="meta_val must name at least one domain"):
+        SplitsConfig(meta_val=[], meta_test=["x"])
+
+
+def test_meta_validate_is_the_evaluate_stage_number(tmp_path) -> None:
+    """meta_validate (final step only) equals what the evaluate stage reports for the same init and episodes."""
+    from metaseg.adapt import AdaptSettings
+    from metaseg.data.prepared import PreparedDataset
+    from metaseg.evaluate import evaluate_inits
+    from metaseg.meta.algorithms import make_algorithm
+    from metaseg.models.deeplab import build_model
+
+    prepared, splits = make_fixture(tmp_path)
+    dataset = PreparedDataset(prepared)
+    roles = json.loads((splits / "splits.json").read_text())
+    episodes = train_mod.val_episodes(splits / "episodes.json", roles["meta_val"], 1, 2)
+    torch.manual_seed(0)
+    algo = make_algorithm("fomaml", build_model(MODEL.backbone, backbone_weights=None), inner_lr=1e-3)
+    settings = AdaptSettings(steps=3, lr=1e-3, optimizer="adam")
+    kw = {"backbone": MODEL.backbone, "image_size": SIZE}
+    score = train_mod.meta_validate(algo, dataset, episodes, settings=settings, device=torch.device("cpu"), seed=0,
+                                    **kw)
+    init = algo.export_init(**kw)
+    full = evaluate_inits(dataset, episodes, {"x": init}, domains=sorted(episodes), shots=[1], settings=settings,
+                          device=torch.device("cpu"), seed=0, progress=False)
+    assert math.isfinite(score)
+    assert score == pytest.approx(100 * sum(full.final(d, "x", 1).miou for d in episodes) / len(episodes), abs=1e-3)

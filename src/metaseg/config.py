@@ -8,7 +8,7 @@ exit code 2 before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -112,6 +112,9 @@ class SplitsConfig(_Section):
                 seen[name] = role
         if not self.meta_test:
             raise ValueError("meta_test must name at least one domain")
+        if not self.meta_val:
+            raise ValueError("meta_val must name at least one domain: train keeps the checkpoint that scores best on "
+                             "its episodes")
         return self
 
 
@@ -139,13 +142,12 @@ class TrainConfig(_Section):
     outer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
-    reptile_epsilon: float = Field(0.5, gt=0, le=1)  # Reptile interpolation step towards the adapted weights
     dice_weight: float = Field(0.0, ge=0)  # optional Dice term added to cross-entropy
     class_balance: bool = True  # inverse-frequency class weights in the CE (also at adaptation): small foregrounds
     aux_weight: float = Field(0.4, ge=0)  # weight of DeepLab's aux-head loss
     augment: bool = True  # albumentations, applied jointly to image and mask
-    val_every: int = Field(20, ge=1)  # meta-validation every M iterations (keeps the best checkpoint)
-    val_episodes: int = Field(5, ge=1)  # meta-val episodes used per validation
+    val_every: int = Field(40, ge=1)  # meta-validation every M iterations (keeps the best checkpoint)
+    val_episodes: int = Field(4, ge=1)  # meta-val episodes per validation (adapted and scored as evaluate does)
     checkpoint_every: int = Field(20, ge=1)  # atomic checkpoint every N iterations (resume after interruption)
     amp: Literal["bf16", "fp16", "off"] = "bf16"  # CUDA only
     channels_last: bool = True  # CUDA only
@@ -189,12 +191,23 @@ class CheckConfig(_Section):
 
     atol_cpu: float = Field(1e-4, gt=0)  # fp32 max |Δlogit| on the CPU EP
     atol_cuda: float = Field(1e-3, gt=0)  # fp32 max |Δlogit| on the CUDA EP
-    min_agreement: float = Field(0.999, gt=0, le=1)  # fp32 argmax agreement
+    # argmax agreement with PyTorch fp32 each precision must reach; healthy models measured 2026-11-23 (default
+    # run, 12 models): fp32 1.0, fp16 >= 0.9988, int8 0.946-0.965 (protonet 1.0)
+    min_agreement: dict[Literal["fp32", "fp16", "int8"], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: {"fp32": 0.999, "fp16": 0.995, "int8": 0.93})
     miou_drop: float = Field(1.0, ge=0)  # fp16 / int8: allowed mIoU drop in points vs PyTorch fp32
     tensorrt: bool = False  # also try the TensorRT EP on CUDA
     check_size: int = Field(96, ge=32)  # input side for the check (differs from export_size on purpose)
     latency_runs: int = Field(30, ge=1)
     warmup_runs: int = Field(5, ge=0)
+
+    @field_validator("min_agreement")
+    @classmethod
+    def _every_precision(cls, v: dict[str, float]) -> dict[str, float]:
+        missing = [p for p in ("fp32", "fp16", "int8") if p not in v]
+        if missing:
+            raise ValueError(f"needs a floor for every precision; missing {', '.join(missing)}")
+        return v
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -78,10 +78,11 @@ class EvalResult:
     speed: dict[str, float]
     steps: int
     diverged: dict[tuple[str, str, int], int] = field(default_factory=dict)  # episodes with non-finite logits
+    curve: bool = True  # False: scored after the last step only (meta-validation)
 
     @property
     def curve_steps(self) -> list[int]:
-        return curve_steps(self.steps)
+        return curve_steps(self.steps) if self.curve else [self.steps]
 
     def final(self, domain: str, init: str, shot: int) -> Scores:
         """The score an init reaches: after all steps, or at step 0 for ``<init>_noadapt``."""
@@ -112,7 +113,7 @@ class _UnitResult:
 
 def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dict[str, fast_adapt.TrainedInit],
                    unit: Unit, *, settings: AdaptSettings, device: torch.device, seed: int, overlay_images: int,
-                   overlay_shot: int, tick: Callable[[], None]) -> _UnitResult:
+                   overlay_shot: int, tick: Callable[[], None], curve: bool = True) -> _UnitResult:
     """Every init on every stored episode of one (domain, K); ``tick()`` after each episode."""
     d, k = unit
     domain = dataset.domain(d)
@@ -120,7 +121,7 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
     norm = shared_norm(inits)
     overlays = out.overlays
     diverged: dict[str, torch.Tensor] = {}
-    at = curve_steps(settings.steps)
+    at = curve_steps(settings.steps) if curve else [settings.steps]
     index = {s: i for i, s in enumerate(at)}
     for name in inits:
         out.scorers[name] = [DomainScorer(domain.num_classes, device) for _ in at]
@@ -221,12 +222,13 @@ def evaluate_inits(dataset: PreparedDataset, episodes: dict[str, dict[int, list[
                    inits: dict[str, fast_adapt.TrainedInit], *, domains: list[str], shots: list[int],
                    settings: AdaptSettings, device: torch.device, seed: int, ci: str = "t",
                    bootstrap_samples: int = 1000, overlay_images: int = 0, progress: bool = True,
-                   workers: int = 1) -> EvalResult:
+                   workers: int = 1, curve: bool = True) -> EvalResult:
     """Run every init on every stored episode of ``domains`` x ``shots``; returns per-step scores for each.
 
     ``workers`` > 1 (CPU only) evaluates the (domain, K) units in that many spawned processes; every episode's
     randomness depends on (seed, domain, K, index) only, so the scores equal a one-process run with the same
-    threads per process.
+    threads per process. ``curve=False`` scores the last step only (no curve, no ``<init>_noadapt``): the same
+    final scores at a fraction of the cost, for meta-validation.
     """
     for d in domains:
         if d not in episodes:
@@ -236,7 +238,7 @@ def evaluate_inits(dataset: PreparedDataset, episodes: dict[str, dict[int, list[
                 raise InputError(f"domain '{d}' has no stored {k}-shot episodes (has K = {sorted(episodes[d])})")
     work = [((d, k), episodes[d][k]) for d in domains for k in shots]
     kwargs = {"settings": settings, "device": device, "seed": seed, "overlay_images": overlay_images,
-              "overlay_shot": min(shots)}
+              "overlay_shot": min(shots), "curve": curve}
     total = sum(len(eps) for _, eps in work)
     bar = tqdm(total=total, desc="evaluate", unit="ep", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
@@ -274,7 +276,8 @@ def evaluate_inits(dataset: PreparedDataset, episodes: dict[str, dict[int, list[
         if n:
             log.warning("%s / %s / %d-shot: %d of %d adapted models gave non-finite logits (adaptation diverged; "
                         "lower adapt.lr or the init's inner lr)", d, name, k, n, len(episodes[d][k]))
-    return EvalResult(curves=curves, overlays=overlays, speed=speed, steps=settings.steps, diverged=failed)
+    return EvalResult(curves=curves, overlays=overlays, speed=speed, steps=settings.steps, diverged=failed,
+                      curve=curve)
 
 
 def init_names(result: EvalResult, *, no_adapt: bool) -> list[str]:

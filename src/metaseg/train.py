@@ -16,17 +16,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from metaseg.cli import choose_device
-from metaseg.config import BaseConfig, ModelConfig, TrainConfig
+from metaseg.adapt import AdaptSettings
+from metaseg.cli import InputError, choose_device
+from metaseg.config import AdaptConfig, BaseConfig, ModelConfig, TrainConfig
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.sampler import EpisodeBatch, TrainSampler, episode_batch
 from metaseg.data.splits import load_episodes, load_splits
+from metaseg.evaluate import evaluate_inits, metrics_dict
 from metaseg.io import save_with
-from metaseg.meta.algorithms import Algorithm, foreground_miou, make_algorithm
-from metaseg.meta.fast_adapt import adapt, init_to_dict
+from metaseg.meta.algorithms import Algorithm, make_algorithm
+from metaseg.meta.fast_adapt import init_to_dict
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import build_model
 
@@ -44,8 +47,10 @@ def all_classes(dataset: PreparedDataset, domain: str) -> tuple[int, ...]:
     return tuple(range(1, dataset.domain(domain).num_classes + 1))
 
 
-def run_config(algorithm: str, base: BaseConfig, model: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
-    return {"algorithm": algorithm, "base": base.model_dump(), "model": model.model_dump(), "train": cfg.model_dump()}
+def run_config(algorithm: str, base: BaseConfig, model: ModelConfig, cfg: TrainConfig,
+               adapt: AdaptConfig) -> dict[str, Any]:
+    return {"algorithm": algorithm, "base": base.model_dump(), "model": model.model_dump(), "train": cfg.model_dump(),
+            "adapt": adapt.model_dump()}
 
 
 def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -54,32 +59,35 @@ def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return strip(a) == strip(b)
 
 
-def val_episodes(path: Path, domains: list[str], shots: int, n: int) -> list[Episode]:
-    """The first ``n`` stored episodes per meta-val domain, at K = ``shots`` if stored (else the smallest K)."""
+def val_episodes(path: Path, domains: list[str], shots: int, n: int) -> dict[str, dict[int, list[Episode]]]:
+    """The first ``n`` stored episodes per meta-val domain, at K = ``shots`` if every domain stores it (else the
+    smallest K they all store), as ``{domain: {K: episodes}}``."""
     stored = load_episodes(path)
-    out: list[Episode] = []
-    for d in domains:
-        per_k = stored.get(d, {})
-        if per_k:
-            out += per_k[shots if shots in per_k else min(per_k)][:n]
-    return out
+    per_domain = {d: stored.get(d, {}) for d in domains}
+    missing = [d for d, per_k in per_domain.items() if not per_k]
+    if missing:
+        raise InputError(f"{path}: no stored episodes for meta-val domain(s) {', '.join(missing)}; re-run splits")
+    common = set.intersection(*(set(per_k) for per_k in per_domain.values())) if per_domain else set()
+    if not common:
+        raise InputError(f"{path}: the meta-val domains share no K; re-run splits")
+    k = shots if shots in common else min(common)
+    return {d: {k: per_k[k][:n]} for d, per_k in per_domain.items()}
 
 
-def meta_validate(algo: Algorithm, dataset: PreparedDataset, episodes: list[Episode], *, steps: int,
-                  backbone: str, image_size: int, device: torch.device, output_stride: int = 16,
-                  body_stage: int | None = None) -> float:
-    """Mean query mIoU after ``fast_adapt.adapt`` (``steps`` inner steps) over the stored meta-val episodes."""
-    if not episodes:
-        return float("nan")
+def meta_validate(algo: Algorithm, dataset: PreparedDataset, episodes: dict[str, dict[int, list[Episode]]], *,
+                  settings: AdaptSettings, device: torch.device, seed: int, backbone: str, image_size: int,
+                  output_stride: int = 16, body_stage: int | None = None) -> float:
+    """The evaluate stage's number on the meta-val episodes: ``evaluate_inits`` with the ``adapt`` rule, the
+    accumulated foreground mIoU in percent, averaged over the meta-val domains (the report's mean row). NaN when
+    nothing could be scored (every episode diverged)."""
     init = algo.export_init(backbone=backbone, image_size=image_size, output_stride=output_stride,
                             body_stage=body_stage)
-    scores = []
-    for ep in episodes:
-        b = episode_batch(dataset.domain(ep.domain), ep, norm=init.norm).to(device)
-        model = adapt(init, b.support_x, b.support_y, len(ep.class_ids), steps=steps)
-        scores.append(foreground_miou(model.predict_logits(b.query_x), b.query_y, len(ep.class_ids)))
-    scores = [s for s in scores if not math.isnan(s)]
-    return sum(scores) / len(scores) if scores else float("nan")
+    domains = sorted(episodes)
+    shots = sorted({k for per_k in episodes.values() for k in per_k})
+    result = evaluate_inits(dataset, episodes, {init.algorithm: init}, domains=domains, shots=shots,
+                            settings=settings, device=device, seed=seed, progress=False, curve=False)
+    flat = metrics_dict(result, domains=domains, shots=shots, no_adapt=False)
+    return float(np.mean([flat.get(f"mean.{init.algorithm}.shot{k}.miou", math.nan) for k in shots]))
 
 
 def _trim_logs(results: Path, step: int) -> None:
@@ -94,7 +102,7 @@ def _trim_logs(results: Path, step: int) -> None:
 
 
 def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str | Path, checkpoints: str | Path,
-          results: str | Path, base: BaseConfig, model_cfg: ModelConfig, cfg: TrainConfig,
+          results: str | Path, base: BaseConfig, model_cfg: ModelConfig, cfg: TrainConfig, adapt_cfg: AdaptConfig,
           stop_after: int | None = None) -> dict[str, float] | None:
     """Train; returns the flat metrics (None when ``stop_after`` iterations ended the run early)."""
     from dvclive import Live
@@ -107,13 +115,14 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    config = run_config(algorithm, base, model_cfg, cfg)
+    config = run_config(algorithm, base, model_cfg, cfg, adapt_cfg)
     dataset = PreparedDataset(prepared)
     roles = load_splits(splits / "splits.json")
     sampler = TrainSampler(dataset, roles["meta_train"], ways=cfg.ways, shots=cfg.shots, queries=cfg.queries,
                            seed=base.seed)
     augment = build_augment(base.image_size) if cfg.augment else None
     val_eps = val_episodes(splits / "episodes.json", roles["meta_val"], cfg.shots, cfg.val_episodes)
+    settings = AdaptSettings.from_config(adapt_cfg)
 
     torch.manual_seed(base.seed)
     model = build_model(model_cfg.backbone, aux_loss=model_cfg.aux_loss, backbone_weights=model_cfg.backbone_weights,
@@ -122,7 +131,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
     algo = make_algorithm(algorithm, model, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr, outer_lr=cfg.outer_lr,
                           outer_optimizer=cfg.outer_optimizer, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                          iterations=cfg.iterations, reptile_epsilon=cfg.reptile_epsilon, aux_weight=cfg.aux_weight,
+                          iterations=cfg.iterations, aux_weight=cfg.aux_weight,
                           dice_weight=cfg.dice_weight, class_balance=cfg.class_balance, inner_clip=cfg.inner_clip,
                           outer_clip=cfg.outer_clip, bn_stats=model_cfg.bn_stats, inner_params=cfg.inner_params,
                           amp_dtype=amp)
@@ -154,9 +163,9 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
 
     def validate(it: int) -> float:
         nonlocal best, best_it
-        miou = meta_validate(algo, dataset, val_eps, steps=cfg.inner_steps, device=device, **export_kw)
+        miou = meta_validate(algo, dataset, val_eps, settings=settings, device=device, seed=base.seed, **export_kw)
         live.log_metric("val_miou", miou)
-        if miou > best or best_it < 0:
+        if math.isfinite(miou) and miou > best:  # a NaN validation (nothing scored) never picks a checkpoint
             best, best_it = miou, it
             init = init_to_dict(algo.export_init(**export_kw))
             save_with(best_path, lambda p: torch.save({**init, "config": config, "iteration": it, "val_miou": miou}, p))
@@ -209,6 +218,13 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
             log.info("stopping after iteration %d (stop_after)", done)
             return None
     bar.close()
+    if not best_path.is_file():  # every validation was NaN: ship the last iteration, not the untrained init
+        log.warning("%s: no meta-validation produced a score (all NaN); keeping the last iteration (%d)", algorithm,
+                    cfg.iterations)
+        best, best_it = math.nan, cfg.iterations
+        init = init_to_dict(algo.export_init(**export_kw))
+        save_with(best_path, lambda p: torch.save({**init, "config": config, "iteration": best_it,
+                                                   "val_miou": float("nan")}, p))
     final = torch.load(best_path, map_location="cpu", weights_only=False)
     save_with(out, lambda p: torch.save(final, p))
     steps_run = max(1, cfg.iterations)

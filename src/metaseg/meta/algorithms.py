@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaseg.evaluation import iou_of_labels
 from metaseg.meta.fast_adapt import TrainedInit
 from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, support_stat_layer, task_buffers
 from metaseg.models.backbones import normalization
@@ -38,15 +39,9 @@ def train_mode(model: nn.Module, bn_stats: str) -> None:
 
 
 def foreground_miou(logits: Tensor, y: Tensor, num_classes: int) -> float:
-    """Mean IoU over classes 1..C with a non-empty union, pixels summed over the batch (255 ignored)."""
-    pred, valid = logits.argmax(1), y != IGNORE
-    ious = []
-    for c in range(1, num_classes + 1):
-        p, t = (pred == c) & valid, (y == c) & valid
-        union = int((p | t).sum())
-        if union:
-            ious.append(int((p & t).sum()) / union)
-    return sum(ious) / len(ious) if ious else float("nan")
+    """The evaluation mIoU (``metaseg.evaluation.iou_of_labels``) of one batch's argmax: classes 1..C with a
+    non-empty union, pixels summed over the batch (255 ignored); NaN when no class occurs."""
+    return iou_of_labels(logits.argmax(1), y, num_classes)[0]
 
 
 def _ways(task: Any) -> int:
@@ -64,7 +59,7 @@ class Algorithm:
 
     def __init__(self, model: nn.Module, *, inner_steps: int = 2, inner_lr: float = 1e-3, outer_lr: float = 1e-3,
                  outer_optimizer: str = "adam", weight_decay: float = 0.0, schedule: str = "constant",
-                 iterations: int = 100, reptile_epsilon: float = 0.5, aux_weight: float = 0.4,
+                 iterations: int = 100, aux_weight: float = 0.4,
                  dice_weight: float = 0.0, class_balance: bool = False, inner_clip: float | None = None,
                  outer_clip: float | None = None, bn_stats: str = "support", inner_params: str = "all",
                  amp_dtype: torch.dtype | None = None) -> None:
@@ -73,7 +68,6 @@ class Algorithm:
         self.adapt_names = inner_param_names(model, inner_params)
         self.inner_clip, self.outer_clip, self.class_balance = inner_clip, outer_clip, class_balance
         self.aux_weight, self.dice_weight, self.amp_dtype = aux_weight, dice_weight, amp_dtype
-        self.reptile_epsilon = reptile_epsilon
         self._setup()
         self.optimizer = self._make_optimizer(outer_optimizer, outer_lr, weight_decay)
         total = max(1, iterations)
@@ -278,14 +272,13 @@ class Reptile(Algorithm):
     The inner loop sees the support set only (as at test time): with BN statistics from the support, query
     images of a random-init model give huge losses, and stepping on them diverges.
 
-    The optimiser is plain SGD with lr = epsilon and grad = theta - mean(adapted), which is that interpolation
-    exactly (and lets the schedule anneal epsilon). Expanded head rows are folded back: fg = mean of fg rows.
+    The outer step is the configured outer optimiser (``train.outer_optimizer``, ``outer_lr``, ``weight_decay``,
+    ``schedule``, like every other algorithm) on the pseudo-gradient theta - mean(adapted): with ``sgd`` its first
+    step is exactly the interpolation with eps = outer_lr (momentum builds up after), with ``adam`` it is the Adam
+    variant of the Reptile paper. Expanded head rows are folded back: fg = mean of fg rows.
     """
 
     name = "reptile"
-
-    def _make_optimizer(self, kind: str, lr: float, wd: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(list(self.meta_parameters()), lr=self.reptile_epsilon)
 
     def step(self, tasks: list[Any]) -> dict[str, float]:
         theta = {k: v.detach() for k, v in self.model.named_parameters()}
@@ -312,6 +305,7 @@ class Reptile(Algorithm):
                 mean[k] += v / len(tasks)
         for k, p in self.model.named_parameters():
             p.grad = (theta[k] - mean[k]).to(p.dtype)
+        self._clip_outer()
         self.optimizer.step()
         self.scheduler.step()
         return {"loss": sum(losses) / len(losses), "miou": _nanmean(mious)}
@@ -350,7 +344,7 @@ _CLASSES: dict[str, type[Algorithm]] = {"maml": MAML, "fomaml": FOMAML, "metasgd
 
 def make_algorithm(name: str, model: nn.Module, **settings: Any) -> Algorithm:
     """``settings``: inner_steps, inner_lr, outer_lr, outer_optimizer, weight_decay, schedule, iterations,
-    reptile_epsilon, aux_weight, dice_weight, class_balance, inner_clip, outer_clip, amp_dtype
+    aux_weight, dice_weight, class_balance, inner_clip, outer_clip, amp_dtype
     (see ``Algorithm.__init__``)."""
     if name not in _CLASSES:
         raise ValueError(f"unknown algorithm '{name}' (expected one of {', '.join(ALGORITHMS)})")

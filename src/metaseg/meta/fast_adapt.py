@@ -80,7 +80,7 @@ def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedIn
                        head=obj.get("head", "replicated"), proto_scale=obj.get("proto_scale"),
                        output_stride=int(obj.get("output_stride", 16)), body_stage=obj.get("body_stage"),
                        bn_stats=obj.get("bn_stats", "support"),
-                       extras={**obj.get("extras", {}), **({"config": obj["config"]} if "config" in obj else {})})
+                       extras={**obj.get("extras", {}), **{k: obj[k] for k in ("config", "val_miou") if k in obj}})
 
 
 def init_to_dict(init: TrainedInit) -> dict[str, Any]:
