@@ -8,10 +8,12 @@ of images (not recursive). For each image ``<stem>`` the script writes ``DIR/<st
 values are class indices (0 = background) with a fixed colour per class, the same size as the input image; with
 ``--overlay`` also ``DIR/<stem>.overlay.png`` (image blended with the class colours).
 
-Resizing: the image is resized (bilinear) so that its short side equals the training resolution and both sides are
-multiples of 8 (DeepLab's output stride), keeping the aspect ratio. Objects then appear at the scale the model was
-adapted at, which gives better masks than feeding the raw size; the per-class logits are resized back to the original
-size (bilinear) before the argmax, which gives smoother boundaries than resizing the label map.
+Resizing: the image reaches the model the way the prepare stage fed the training images (the ``resize``
+metadata, ``prepare.resize``), so objects appear at the scale the model was adapted at: ``pad`` scales the long side
+to the training resolution and letterboxes the square with black (exactly ``metaseg.data.importing.fit``),
+``stretch`` resizes to the square, ``crop`` scales the short side to the resolution (both sides multiples of 8) and
+keeps the whole image (every pixel needs a label). The per-class logits of the image's own region are resized back
+to the original size (bilinear) before the argmax, which gives smoother boundaries than resizing the label map.
 Errors (missing model, no images, unreadable image) print one line and exit with code 2.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-REQUIRED_METADATA = ("class_names", "mean", "std", "image_size")
+REQUIRED_METADATA = ("class_names", "mean", "std", "image_size", "resize")
+RESIZE_MODES = ("pad", "stretch", "crop")
 
 
 class InferError(Exception):
@@ -67,7 +70,7 @@ def read_metadata(session: ort.InferenceSession, model: Path) -> dict[str, objec
         raise InferError(f"{model}: metadata_props lack {', '.join(missing)} "
                          "(not a metaseg export; re-run the export stage)")
     return {"class_names": json.loads(props["class_names"]), "mean": json.loads(props["mean"]),
-            "std": json.loads(props["std"]), "image_size": int(props["image_size"])}
+            "std": json.loads(props["std"]), "image_size": int(props["image_size"]), "resize": props["resize"]}
 
 
 def open_session(model: Path, providers: str) -> ort.InferenceSession:
@@ -101,13 +104,33 @@ def load_rgb(path: Path) -> Image.Image:
         raise InferError(f"{path}: unreadable image ({err.__class__.__name__})") from None
 
 
+def model_input(image: Image.Image, size: int, mode: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The uint8 RGB array the model sees and the (top, left, height, width) box of the image inside it, resized as
+    the prepare stage resized the training images (``prepare.resize``; ``pad`` pixel for pixel like
+    ``metaseg.data.importing.fit``)."""
+    width, height = image.size
+    if mode == "stretch":
+        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR)), (0, 0, size, size)
+    if mode == "crop":
+        h, w = model_size(height, width, size)
+        return np.asarray(image.resize((w, h), Image.Resampling.BILINEAR)), (0, 0, h, w)
+    if mode != "pad":
+        raise InferError(f"model metadata: unknown resize mode '{mode}' (expected one of {', '.join(RESIZE_MODES)})")
+    scale = size / max(height, width)
+    nw, nh = max(1, round(width * scale)), max(1, round(height * scale))
+    canvas = np.zeros((size, size, 3), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    canvas[top:top + nh, left:left + nw] = np.asarray(image.resize((nw, nh), Image.Resampling.BILINEAR))
+    return canvas, (top, left, nh, nw)
+
+
 def predict(session: ort.InferenceSession, meta: dict[str, object], image: Image.Image) -> np.ndarray:
     """Class index map uint8 [H, W] at the image's own size."""
     width, height = image.size
-    h, w = model_size(height, width, int(meta["image_size"]))  # type: ignore[arg-type]
-    resized = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))
-    x = preprocess(resized, meta["mean"], meta["std"])  # type: ignore[arg-type]
-    logits = session.run(None, {session.get_inputs()[0].name: x})[0][0]  # [C, h, w]
+    size = int(meta["image_size"])  # type: ignore[call-overload]
+    pixels, (top, left, h, w) = model_input(image, size, str(meta["resize"]))
+    x = preprocess(pixels, meta["mean"], meta["std"])  # type: ignore[arg-type]
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0][0][:, top:top + h, left:left + w]  # [C, h, w]
     if (h, w) != (height, width):
         logits = np.stack([np.asarray(Image.fromarray(c.astype(np.float32)).resize(
             (width, height), Image.Resampling.BILINEAR)) for c in logits])

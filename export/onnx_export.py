@@ -68,7 +68,8 @@ def git_commit(cwd: str | Path = ".") -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def build_metadata(meta: Mapping[str, Any], *, precision: str, params_sha256: str, commit: str) -> dict[str, str]:
+def build_metadata(meta: Mapping[str, Any], *, precision: str, params_sha256: str, commit: str,
+                   resize: str) -> dict[str, str]:
     """metadata_props (string -> string) that make the file self-describing for export/infer.py."""
     return {
         "class_names": json.dumps(list(meta["class_names"])),
@@ -77,6 +78,7 @@ def build_metadata(meta: Mapping[str, Any], *, precision: str, params_sha256: st
         "output": "logits float32 NCHW, channel c = class_names[c]; prediction = argmax over C",
         "mean": json.dumps([float(v) for v in meta["mean"]]), "std": json.dumps([float(v) for v in meta["std"]]),
         "image_size": str(int(meta["image_size"])),
+        "resize": resize,  # prepare.resize: how training images reached image_size (infer.py does the same)
         "domain": str(meta.get("domain", "unknown")), "algorithm": str(meta.get("algorithm", "unknown")),
         "shots": str(meta.get("shots", "unknown")), "precision": precision,
         "params_sha256": params_sha256, "git_commit": commit,
@@ -244,7 +246,7 @@ def model_card(meta: Mapping[str, Any], files: dict[str, dict[str, Any]], *, ada
 def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str | Path, *, precisions: list[str],
                    opset: int, export_size: int, calibration_images: int, params: Mapping[str, Any],
                    evaluate_metrics: str | Path | None = None,
-                   calibration_indices: list[int] | None = None) -> dict[str, float]:
+                   calibration_indices: list[int] | None = None, resize: str) -> dict[str, float]:
     """Write every precision + card.json into ``out_dir`` (swapped in whole); returns flat export metrics."""
     if not precisions:
         raise ConfigError("'export.precisions': empty; name at least one of fp32, fp16, int8")
@@ -270,7 +272,7 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
             else:
                 proto = to_int8(fp32, calibration, list(meta["mean"]), list(meta["std"]))
             name = f"model.{precision}.onnx"
-            props = build_metadata(meta, precision=precision, params_sha256=digest, commit=commit)
+            props = build_metadata(meta, precision=precision, params_sha256=digest, commit=commit, resize=resize)
             data = verify(_set_metadata(proto, props), name).SerializeToString()
             write_bytes(tmp / name, data)
             if precision != "fp32":

@@ -43,13 +43,23 @@ class CheckFailed(RuntimeError):
 
 
 def choose_providers(tensorrt: bool = False) -> tuple[str, list[Any]]:
-    """(torch device, ORT providers): CUDA EP (+ TensorRT EP first if asked) with CPU fallback, or CPU EP alone."""
-    if not torch.cuda.is_available():
+    """(torch device, ORT providers): CUDA EP (+ TensorRT EP first if asked) with CPU fallback, or CPU EP alone.
+
+    CUDA needs both a GPU torch can see and an ONNX Runtime build whose provider list has the CUDA EP (the list
+    names it on a GPU build even without a GPU, hence both checks); TensorRT is added only when listed too. The
+    provider a session really ran on is recorded per row (``OrtRunner.provider``) and picks the fp32 atol."""
+    available = set(ort.get_available_providers())
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in available:
+        if torch.cuda.is_available():
+            log.warning("torch sees a GPU but this ONNX Runtime has no CUDA provider (%s): checking on the CPU",
+                        ", ".join(sorted(available)))
         return "cpu", ["CPUExecutionProvider"]
     cuda_opts = {"device_id": torch.cuda.current_device(), "use_tf32": 0,
                  "user_compute_stream": str(torch.cuda.current_stream().cuda_stream)}
     providers: list[Any] = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
-    if tensorrt:
+    if tensorrt and "TensorrtExecutionProvider" not in available:
+        log.warning("check.tensorrt is true but this ONNX Runtime has no TensorRT provider: CUDA only")
+    elif tensorrt:
         providers.insert(0, ("TensorrtExecutionProvider", {"device_id": torch.cuda.current_device()}))
     return "cuda", providers
 
@@ -83,7 +93,14 @@ class OrtRunner:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
+    @property
+    def device(self) -> str:
+        """Where the session reads and writes: a session whose CUDA EP failed to load runs on the CPU."""
+        return "cpu" if self.provider == "CPUExecutionProvider" else "cuda"
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != self.device:  # never bind CUDA pointers to a CPU session (or the reverse)
+            return self(x.to(self.device)).to(x.device)
         x = x.contiguous()
         out = torch.empty((x.shape[0], self.num_classes, x.shape[2], x.shape[3]), dtype=torch.float32, device=x.device)
         kind, index = x.device.type, (x.device.index or 0)

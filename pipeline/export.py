@@ -36,12 +36,13 @@ def support_pool(splits_dir: str | None, adapted: str) -> list[int] | None:
 def main(args: argparse.Namespace) -> None:
     params = load_config(args.params, *SECTIONS)
     cfg = params["export"]
+    resize = load_config(args.params, "prepare")["prepare"].resize  # travels in the metadata to infer.py
     try:
         metrics = export_adapted(args.adapted, args.out, args.prepared, precisions=list(cfg.precisions),
                                  opset=cfg.opset, export_size=cfg.export_size,
                                  calibration_images=cfg.calibration_images, params=params,
                                  evaluate_metrics=args.evaluate_metrics,
-                                 calibration_indices=support_pool(args.splits, args.adapted))
+                                 calibration_indices=support_pool(args.splits, args.adapted), resize=resize)
     except ExportError as err:
         sys.exit(f"error: {err}")
     write_json(Path(args.results) / "metrics.json", metrics)

@@ -25,6 +25,7 @@ from metaseg.models.adapted import plain_deeplab, save_adapted
 from metaseg.models.backbones import normalization
 
 SIZE = 64  # prepared / training resolution
+RESIZE = "pad"  # prepare.resize the toy model is exported with: infer.py letterboxes like prepare
 N_IMAGES = 32
 TEST = list(range(12, N_IMAGES))  # calibration uses the first images, the check the rest
 CLASS_NAMES = ["background", "red", "blue"]
@@ -127,5 +128,5 @@ def bundle(backbone: str = BACKBONE) -> Bundle:
     write_json(root / "splits.json", {"pools": {DOMAIN: {"support": list(range(12)), "test": TEST}}})
     metrics = export_adapted(adapted, root / "onnx" / DOMAIN / ALGORITHM, root / "prepared",
                              precisions=list(cfg.precisions), opset=cfg.opset, export_size=cfg.export_size,
-                             calibration_images=cfg.calibration_images, params={"export": cfg})
+                             calibration_images=cfg.calibration_images, params={"export": cfg}, resize=RESIZE)
     return Bundle(root, adapted, root / "prepared", root / "splits.json", root / "onnx", metrics)

@@ -63,6 +63,53 @@ def test_maml_meta_gradient_matches_finite_differences_and_differs_from_fomaml()
     assert diff > 1e-6
 
 
+
+@pytest.mark.parametrize("name", ["anil", "metasgd"])
+def test_second_order_meta_gradient_matches_finite_differences(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ANIL (body and head, through the head's inner steps on body features) and Meta-SGD (weights and the learned
+    rates) backpropagate the exact second-order meta-gradient. The query's BN statistics are computed without grad
+    (constants to the meta-gradient), so they are frozen at the unperturbed point for the finite differences."""
+    import metaseg.meta.algorithms as algorithms
+
+    real, recorded, replay = algorithms.task_buffers, [], {"on": False, "i": 0}
+
+    def frozen_buffers(*args, **kw):
+        if not replay["on"]:
+            recorded.append({k: v.detach() for k, v in real(*args, **kw).items()})
+            return recorded[-1]
+        out = recorded[replay["i"] % len(recorded)]
+        replay["i"] += 1
+        return out
+
+    monkeypatch.setattr(algorithms, "task_buffers", frozen_buffers)
+    if name == "anil":  # head-only inner loop on DeepLab body features: a real (tiny, random) DeepLab
+        torch.manual_seed(0)
+        t, net = _task(2, 2, size=32, dtype=torch.float64), build_model(BACKBONE, backbone_weights=None).double()
+        keys = ["backbone.0.0.weight", "classifier.0.project.0.weight", "classifier.4.weight"]
+    else:
+        t, net = _task(2, 2, size=12, dtype=torch.float64), _tiny()
+        keys = ["body.0.weight", "classifier.4.weight", "lr:body.0.weight", "lr:classifier.0.weight"]
+    algo = make_algorithm(name, net, inner_steps=2, inner_lr=0.5 if name == "metasgd" else 0.01, aux_weight=0.0)
+    tensors = dict(net.named_parameters()) | {f"lr:{k}": v for k, v in algo.extra_parameters().items()}
+    for v in tensors.values():
+        v.grad = None
+    loss, _ = algo.task_loss(t)
+    loss.backward()
+    grads = {k: torch.zeros_like(v) if v.grad is None else v.grad.clone() for k, v in tensors.items()}
+    replay["on"] = True
+    eps = 1e-7  # the random DeepLab body is sharply curved: 1e-6 leaves a 2e-4 truncation error, 1e-7 converges
+    for k in keys:
+        for i in (0, 3):
+            flat = tensors[k].data.view(-1)
+            flat[i] += eps
+            plus = float(algo.task_loss(t)[0])
+            flat[i] -= 2 * eps
+            minus = float(algo.task_loss(t)[0])
+            flat[i] += eps
+            fd = (plus - minus) / (2 * eps)
+            assert grads[k].view(-1)[i].item() == pytest.approx(fd, rel=1e-4, abs=1e-8), (k, i)
+
+
 def test_metasgd_rates_change_after_a_step() -> None:
     net = _tiny().float()
     algo = make_algorithm("metasgd", net, inner_steps=1, inner_lr=0.1, aux_weight=0.0)

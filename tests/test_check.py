@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from export.onnx_export import classifier_node
-from export.runtime_check import CheckFailed, enforce, format_table, pool_miou, run_checks
+from export.runtime_check import CheckFailed, OrtRunner, enforce, format_table, pool_miou, run_checks
 from metaseg.evaluation import iou_of_labels
-from tests.onnx_helpers import ALGORITHM, BACKBONE, DOMAIN, LITE, adapted_root, bundle, check_config
+from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, adapted_root, bundle, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,6 +108,25 @@ def test_perturbed_int8_model_fails_on_its_agreement_floor(tmp_path: Path) -> No
     assert "agreement_floor" in table.splitlines()[0] and row["why"] in table
     with pytest.raises(CheckFailed, match=r"toy/transfer/int8 \(agreement 0\.\d+ < 0\.93"):
         enforce(rows)
+
+
+def test_provider_choice_consults_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU torch can see is not enough: without the CUDA EP in ONNX Runtime's list the check runs on the CPU."""
+    import export.runtime_check as rc
+
+    monkeypatch.setattr(rc.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(rc.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert rc.choose_providers() == ("cpu", ["CPUExecutionProvider"])
+
+
+def test_runner_device_follows_the_provider_that_runs() -> None:
+    """The runner binds inputs on the device of the provider that really runs (a session whose CUDA EP failed to
+    load runs on the CPU EP and must get CPU tensors); the CUDA side is in the gpu-marked test."""
+    b = bundle()
+    runner = OrtRunner(b.onnx_dir / "model.fp32.onnx", ["CPUExecutionProvider"], len(CLASS_NAMES))
+    assert runner.device == "cpu" and runner.provider == "CPUExecutionProvider"
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(runner(x), runner(x.clone()))
 
 
 def test_enforce_raises_one_line() -> None:

@@ -13,7 +13,7 @@ import torch
 from export.onnx_export import CLASSIFIER_WEIGHT, ExportError, classifier_node, params_hash, verify
 from metaseg.models.adapted import load_adapted
 from metaseg.models.backbones import normalization
-from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, SIZE, bundle, export_config
+from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, RESIZE, SIZE, bundle, export_config
 
 
 @pytest.mark.parametrize("shape", [(1, 3, SIZE, SIZE), (2, 3, 80, 104)])
@@ -43,6 +43,7 @@ def test_metadata_and_fp32_io(precision: str) -> None:
     provenance = (props["image_size"], props["domain"], props["algorithm"], props["shots"])
     assert provenance == (str(SIZE), DOMAIN, ALGORITHM, "5")
     assert (props["input_layout"], props["input_dtype"], props["precision"]) == ("NCHW", "float32", precision)
+    assert props["resize"] == RESIZE  # prepare.resize: infer.py resizes the way training images were
     assert props["params_sha256"] == params_hash({"export": export_config()})
     assert props["git_commit"]
 

@@ -121,3 +121,37 @@ def test_meta_validate_is_the_evaluate_stage_number(tmp_path) -> None:
                           device=torch.device("cpu"), seed=0, progress=False)
     assert math.isfinite(score)
     assert score == pytest.approx(100 * sum(full.final(d, "x", 1).miou for d in episodes) / len(episodes), abs=1e-3)
+
+
+def test_query_labels_never_reach_adaptation(tmp_path) -> None:
+    """Scrambling the query images' masks changes the scores but not one predicted pixel: adaptation (evaluate,
+    meta-validation) sees the support labels only."""
+    import numpy as np
+
+    from metaseg.adapt import AdaptSettings
+    from metaseg.data.prepared import PreparedDataset
+    from metaseg.evaluate import evaluate_inits
+    from metaseg.meta.fast_adapt import fresh_init
+    from meta_helpers import LOSS
+
+    prepared, splits = make_fixture(tmp_path)
+    episodes = train_mod.val_episodes(splits / "episodes.json", ["d"], 1, 2)
+    init = fresh_init("scratch", MODEL.backbone, SIZE, inner_lr=1e-3, seed=0, backbone_weights=None, loss=LOSS)
+    settings = AdaptSettings(steps=2, lr=1e-3, optimizer="adam")
+
+    def run():
+        ds = PreparedDataset(prepared)
+        r = evaluate_inits(ds, episodes, {"x": init}, domains=["d"], shots=[1], settings=settings,
+                           device=torch.device("cpu"), seed=0, progress=False, overlay_images=10)
+        return [o.preds["x"] for o in r.overlays["d"]], r.final("d", "x", 1).miou
+
+    preds, score = run()
+    masks_path = prepared / "d" / "masks.npy"
+    masks = np.load(masks_path)
+    queries = sorted({q for ep in episodes["d"][1] for q in ep.query} - {s for ep in episodes["d"][1] for s in ep.support})
+    masks[queries] = np.where(masks[queries] == 0, 1, 0).astype(np.uint8)  # every query label flipped
+    np.save(masks_path, masks)
+    scrambled, scrambled_score = run()
+    assert len(preds) == len(scrambled) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(preds, scrambled))
+    assert scrambled_score != score
