@@ -269,9 +269,9 @@ def run_checks(onnx_root: str | Path, adapted_root: str | Path, prepared_root: s
 
 
 _COLUMNS = [("domain", "{}"), ("algorithm", "{}"), ("precision", "{}"), ("provider", "{}"), ("max_diff", "{:.2e}"),
-            ("agreement", "{:.5f}"), ("agreement_floor", "{}"), ("miou", "{:.2f}"), ("torch_miou", "{:.2f}"), ("latency_p50_ms", "{:.2f}"),
-            ("latency_p95_ms", "{:.2f}"), ("throughput_ips", "{:.1f}"), ("ort_over_torch", "{:.2f}"),
-            ("passed", "{}"), ("why", "{}")]
+            ("agreement", "{:.5f}"), ("agreement_floor", "{}"), ("miou", "{:.2f}"), ("torch_miou", "{:.2f}"),
+            ("latency_p50_ms", "{:.2f}"), ("latency_p95_ms", "{:.2f}"), ("throughput_ips", "{:.1f}"),
+            ("ort_over_torch", "{:.2f}"), ("passed", "{}"), ("why", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -283,8 +283,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
-_METRICS = ("max_diff", "agreement", "agreement_floor", "miou", "torch_miou", "latency_p50_ms", "latency_p95_ms", "throughput_ips",
-            "torch_latency_p50_ms", "torch_throughput_ips", "ort_over_torch")
+_METRICS = ("max_diff", "agreement", "agreement_floor", "miou", "torch_miou", "latency_p50_ms", "latency_p95_ms",
+            "throughput_ips", "torch_latency_p50_ms", "torch_throughput_ips", "ort_over_torch")
 
 
 def flat_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:

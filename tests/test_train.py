@@ -22,7 +22,8 @@ ADAPT = AdaptConfig(steps=1, lr=1e-4, optimizer="sgd")
 def _run(tmp, prepared, splits, name: str, cfg: TrainConfig = CFG, **kw):
     d = tmp / name
     return d, train("fomaml", prepared=prepared, splits=splits, out=d / "init.pt", checkpoints=d / "ck",
-                    results=d / "results", base=BASE, model_cfg=MODEL, cfg=cfg, adapt_cfg=kw.pop("adapt_cfg", ADAPT), **kw)
+                    results=d / "results", base=BASE, model_cfg=MODEL, cfg=cfg,
+                    adapt_cfg=kw.pop("adapt_cfg", ADAPT), **kw)
 
 
 def test_resumed_run_reaches_the_same_weights(tmp_path) -> None:
@@ -148,7 +149,8 @@ def test_query_labels_never_reach_adaptation(tmp_path) -> None:
     preds, score = run()
     masks_path = prepared / "d" / "masks.npy"
     masks = np.load(masks_path)
-    queries = sorted({q for ep in episodes["d"][1] for q in ep.query} - {s for ep in episodes["d"][1] for s in ep.support})
+    stored = episodes["d"][1]
+    queries = sorted({q for ep in stored for q in ep.query} - {s for ep in stored for s in ep.support})
     masks[queries] = np.where(masks[queries] == 0, 1, 0).astype(np.uint8)  # every query label flipped
     np.save(masks_path, masks)
     scrambled, scrambled_score = run()

@@ -60,11 +60,14 @@ class Overlay:
 _CURVE_GRID = (1, 2, 3, 5, 10, 15, 20, 30, 50, 100, 200, 500)
 
 
-def curve_steps(steps: int) -> list[int]:
-    """The adaptation steps the curve is scored at: 0, a fixed grid below ``steps``, and ``steps`` itself.
+def curve_steps(steps: int, *, curve: bool = True) -> list[int]:
+    """The adaptation steps the curve is scored at: 0, a fixed grid below ``steps``, and ``steps`` itself
+    (``curve=False``: ``steps`` alone, for meta-validation).
 
     Scoring every step would cost a support forward (the BN statistics under the new params) and a query forward
     per step, about a third of the evaluate stage at 20 steps, for points nobody reads between the grid's."""
+    if not curve:
+        return [steps]
     return sorted({0, steps, *(s for s in _CURVE_GRID if s < steps)})
 
 
@@ -82,7 +85,7 @@ class EvalResult:
 
     @property
     def curve_steps(self) -> list[int]:
-        return curve_steps(self.steps) if self.curve else [self.steps]
+        return curve_steps(self.steps, curve=self.curve)
 
     def final(self, domain: str, init: str, shot: int) -> Scores:
         """The score an init reaches: after all steps, or at step 0 for ``<init>_noadapt``."""
@@ -121,7 +124,7 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
     norm = shared_norm(inits)
     overlays = out.overlays
     diverged: dict[str, torch.Tensor] = {}
-    at = curve_steps(settings.steps) if curve else [settings.steps]
+    at = curve_steps(settings.steps, curve=curve)
     index = {s: i for i, s in enumerate(at)}
     for name in inits:
         out.scorers[name] = [DomainScorer(domain.num_classes, device) for _ in at]
