@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_export import export_fp32, to_fp16, to_int8  # noqa: E402
+from export.onnx_export import export_fp32, int8_reduce_range, to_fp16, to_int8  # noqa: E402
 from export.runtime_check import BATCH, OrtRunner, choose_providers, pool_miou, strict_fp32  # noqa: E402
 from metaseg.models.adapted import plain_deeplab  # noqa: E402
 from metaseg.models.backbones import BACKBONES, normalization  # noqa: E402
@@ -117,7 +117,8 @@ def main() -> None:
     t0 = time.perf_counter()
     fp32 = export_fp32(model, opset=18, export_size=args.size)
     files = {"fp32": fp32.SerializeToString(), "fp16": to_fp16(fp32).SerializeToString(),
-             "int8": to_int8(fp32, calib, list(mean), list(std)).SerializeToString()}
+             "int8": to_int8(fp32, calib, list(mean), list(std),
+                             reduce_range=int8_reduce_range("auto")).SerializeToString()}
     export_s = time.perf_counter() - t0
     rows: list[tuple[str, str, str, str]] = []
     size = {k: len(v) / 1e6 for k, v in files.items()}

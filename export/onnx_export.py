@@ -154,7 +154,31 @@ def classifier_node(model: onnx.ModelProto) -> str:
     return found[0]
 
 
-def to_int8(model: onnx.ModelProto, images: np.ndarray, mean: list[float], std: list[float]) -> onnx.ModelProto:
+def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether this x86 CPU has VNNI (``avx512_vnni`` / ``avx_vnni``); None when it cannot tell (no cpuinfo)."""
+    try:
+        flags = {f for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return None
+    return bool(flags & {"avx512_vnni", "avx_vnni"})
+
+
+def int8_reduce_range(setting: str | bool, *, machine: str | None = None,
+                      cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """``export.int8_reduce_range`` resolved: ``auto`` = 7-bit weights only on an x86 CPU without VNNI (where ONNX
+    Runtime's u8 x s8 kernels can saturate), 8-bit everywhere else (VNNI x86, ARM)."""
+    if setting != "auto":
+        return bool(setting)
+    import platform
+
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    return cpu_has_vnni(cpuinfo) is False
+
+
+def to_int8(model: onnx.ModelProto, images: np.ndarray, mean: list[float], std: list[float], *,
+            reduce_range: bool) -> onnx.ModelProto:
     """Static QDQ, per-channel weights, calibrated on ``images`` (uint8 [N,H,W,3]) preprocessed as infer.py does.
 
     The final 1x1 classifier conv stays fp32 (a 256 x C matrix: no size to speak of). The argmax between classes is
@@ -162,12 +186,12 @@ def to_int8(model: onnx.ModelProto, images: np.ndarray, mean: list[float], std: 
     argmax agreement with PyTorch rose on every one (e.g. 0.41 -> 0.68, 0.974 -> 0.992) at unchanged latency;
     percentile calibration did not help.
 
-    Weights are quantised to 7 bits (``reduce_range``), as ONNX Runtime advises for per-channel models on x86 CPUs
-    without VNNI, where the u8 x s8 multiply-add saturates: on the 8 default adapted models (pretrained Lite0,
-    2026-11-23) argmax agreement rose on 5 of the 6 that segment (neon/fomaml 0.914 -> 0.948, neon/anil
-    0.892 -> 0.954; xray/fomaml 0.950 -> 0.948) and neon/fomaml's int8 mIoU went from 1.8 points under fp32 to
-    0.1 over; entropy, percentile and moving-average calibration, 40 calibration images, and keeping the stem or
-    the whole decoder in fp32 did not help.
+    ``reduce_range`` quantises weights to 7 bits, as ONNX Runtime advises for x86 CPUs without VNNI, where the
+    u8 x s8 multiply-add can saturate; with VNNI (and on ARM) it only throws a bit away. On a VNNI machine
+    (2026-12-02, the 8 default adapted models) 8-bit weights raised argmax agreement on all 8 (neon/anil
+    0.718 -> 0.944, xray/fomaml 0.908 -> 0.966, neon/fomaml 0.947 -> 0.985) at equal latency; entropy,
+    percentile and 32-image calibration, 16-bit activations and keeping the depthwise convs in fp32 did not help
+    (``export.int8_reduce_range``: auto picks by the exporting CPU).
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
@@ -183,7 +207,7 @@ def to_int8(model: onnx.ModelProto, images: np.ndarray, mean: list[float], std: 
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, src)
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, nodes_to_exclude=[classifier_node(model)])
+                        reduce_range=reduce_range, nodes_to_exclude=[classifier_node(model)])
         return onnx.load(dst)
 
 
@@ -215,7 +239,7 @@ def calibration_set(prepared_root: str | Path, domain: str, count: int,
 
 def model_card(meta: Mapping[str, Any], files: dict[str, dict[str, Any]], *, adapted: str | Path,
                out_dir: str | Path, opset: int, export_size: int, params: Mapping[str, Any], digest: str, commit: str,
-               calibration: int, evaluate_metrics: str | Path | None) -> dict[str, Any]:
+               calibration: int, evaluate_metrics: str | Path | None, weight_bits: int = 8) -> dict[str, Any]:
     """card.json: what the files are, how they were made, where they came from, how to run them."""
     edge = next(p for p in ("int8", "fp16", "fp32") if p in files)  # smallest file first
     return {
@@ -232,9 +256,9 @@ def model_card(meta: Mapping[str, Any], files: dict[str, dict[str, Any]], *, ada
                          {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in params.items()}),
                      "params_sha256": digest, "git_commit": commit,
                      "fp16": "onnxconverter_common float16, keep_io_types=True",
-                     "int8": f"onnxruntime quantize_static QDQ per-channel, 7-bit weights (final classifier conv "
-                             f"kept fp32), {calibration} calibration images from the domain's support pool (never "
-                             "its test pool)"},
+                     "int8": f"onnxruntime quantize_static QDQ per-channel, {weight_bits}-bit weights (final "
+                             f"classifier conv kept fp32), {calibration} calibration images from the domain's "
+                             "support pool (never its test pool)"},
         "provenance": {"adapted_file": str(adapted), **_jsonable(meta)},
         "evaluate": _evaluate_rows(evaluate_metrics, str(meta.get("algorithm"))),
         "how_to_run": f"python export/infer.py {Path(out_dir) / files[edge]['file']} IMAGE_OR_FOLDER --out masks/ "
@@ -246,8 +270,11 @@ def model_card(meta: Mapping[str, Any], files: dict[str, dict[str, Any]], *, ada
 def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str | Path, *, precisions: list[str],
                    opset: int, export_size: int, calibration_images: int, params: Mapping[str, Any],
                    evaluate_metrics: str | Path | None = None,
-                   calibration_indices: list[int] | None = None, resize: str) -> dict[str, float]:
-    """Write every precision + card.json into ``out_dir`` (swapped in whole); returns flat export metrics."""
+                   calibration_indices: list[int] | None = None, resize: str,
+                   int8_reduce_range: bool) -> dict[str, float]:
+    """Write every precision + card.json into ``out_dir`` (swapped in whole); returns flat export metrics.
+    ``int8_reduce_range``: 7-bit int8 weights (see ``to_int8``; resolve ``export.int8_reduce_range`` with
+    ``int8_reduce_range()``)."""
     if not precisions:
         raise ConfigError("'export.precisions': empty; name at least one of fp32, fp16, int8")
     if not Path(adapted).is_file():
@@ -270,7 +297,8 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
             elif precision == "fp16":
                 proto = to_fp16(fp32)
             else:
-                proto = to_int8(fp32, calibration, list(meta["mean"]), list(meta["std"]))
+                proto = to_int8(fp32, calibration, list(meta["mean"]), list(meta["std"]),
+                                reduce_range=int8_reduce_range)
             name = f"model.{precision}.onnx"
             props = build_metadata(meta, precision=precision, params_sha256=digest, commit=commit, resize=resize)
             data = verify(_set_metadata(proto, props), name).SerializeToString()
@@ -286,6 +314,6 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
                 metrics[f"{precision}_over_fp32"] = metrics[f"size_mb_{precision}"] / metrics["size_mb_fp32"]
         card = model_card(meta, files, adapted=adapted, out_dir=out_dir, opset=opset, export_size=export_size,
                           params=params, digest=digest, commit=commit, calibration=len(calibration),
-                          evaluate_metrics=evaluate_metrics)
+                          evaluate_metrics=evaluate_metrics, weight_bits=7 if int8_reduce_range else 8)
         write_json(tmp / "card.json", card)
     return metrics

@@ -5,9 +5,10 @@ max |Δlogit|, argmax agreement and the mIoU confusion matrices all live on one 
 GPU, else CPU); nothing is copied to the host per batch. On CUDA, ORT runs on torch's current stream
 (``user_compute_stream``) and TF32 is off on both sides, so fp32 is compared with fp32.
 
-Pass rules: fp32 max |Δlogit| <= atol (atol_cpu / atol_cuda, chosen by the provider that actually ran) and argmax
-agreement >= min_agreement; fp16 / int8 mIoU >= PyTorch fp32 mIoU - miou_drop (points). Latency p50/p95 at batch 1
-and throughput at batch 8 are measured for ORT and PyTorch eager in the same run, warm-up excluded.
+Pass rules: argmax agreement >= min_agreement[precision] on the pixels PyTorch decides (top-two logit margin >=
+decided_margin); fp32 max |Δlogit| <= atol (atol_cpu / atol_cuda, chosen by the provider that actually ran); fp16 /
+int8 mIoU >= PyTorch fp32 mIoU - miou_drop (points). Latency p50/p95 at batch 1 and throughput at batch 8 are
+measured for ORT and PyTorch eager in the same run, warm-up excluded.
 """
 from __future__ import annotations
 
@@ -178,26 +179,38 @@ def torch_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_c
 
 
 def check_one(runner: OrtRunner, ref: Reference, x: torch.Tensor, y: torch.Tensor, *, precision: str, atol_cpu: float,
-              atol_cuda: float, min_agreement: dict[str, float], miou_drop: float, runs: int,
+              atol_cuda: float, min_agreement: dict[str, float], decided_margin: float, miou_drop: float, runs: int,
               warmup: int) -> dict[str, Any]:
     """Compare one ONNX file with the reference; returns the result row: ``passed``, and ``why`` naming each
-    breached gate. Every precision must reach its argmax agreement floor (``min_agreement[precision]``); fp32 must
-    also match the logits within the atol of the provider that ran; fp16 / int8 must keep the mIoU within
-    ``miou_drop`` points of PyTorch's."""
+    breached gate. Every precision must reach its argmax agreement floor (``min_agreement[precision]``) on the
+    pixels PyTorch decides: its top-two logits at least ``decided_margin`` apart (0 = every pixel). A pixel
+    PyTorch leaves undecided flips under any rounding (fp16 included), so it says nothing about the file; the
+    share of decided pixels and the agreement over all pixels are reported beside. fp32 must also match the logits
+    within the atol of the provider that ran; fp16 / int8 must keep the mIoU within ``miou_drop`` points of
+    PyTorch's."""
     c = runner.num_classes
     max_diff = torch.zeros((), device=x.device)
     agree = torch.zeros((), dtype=torch.int64, device=x.device)
+    decided = torch.zeros((), dtype=torch.int64, device=x.device)
+    agree_decided = torch.zeros((), dtype=torch.int64, device=x.device)
     preds = []
     with torch.inference_mode():
         for i, want in enumerate(ref.logits):
             got = runner(x[i * BATCH:(i + 1) * BATCH])
             max_diff = torch.maximum(max_diff, (got - want).abs().max())
             pred = got.argmax(1)
-            agree += (pred == want.argmax(1)).sum()
+            same = pred == want.argmax(1)
+            top2 = want.topk(2, dim=1).values
+            sure = top2[:, 0] - top2[:, 1] >= decided_margin
+            agree += same.sum()
+            decided += sure.sum()
+            agree_decided += (same & sure).sum()
             preds.append(pred)
         timing = speed(runner, x, runs=runs, warmup=warmup)
+    pixels = len(x) * x.shape[2] * x.shape[3]
     row: dict[str, Any] = {"provider": runner.provider, "max_diff": float(max_diff),
-                           "agreement": float(agree) / (len(x) * x.shape[2] * x.shape[3]),
+                           "agreement": float(agree) / pixels, "decided": float(decided) / pixels,
+                           "decided_agreement": float(agree_decided) / float(decided) if decided else float("nan"),
                            "miou": pool_miou(preds, y, c), "torch_miou": ref.miou, **timing,
                            "torch_latency_p50_ms": ref.speed["latency_p50_ms"],
                            "torch_throughput_ips": ref.speed["throughput_ips"]}
@@ -206,8 +219,10 @@ def check_one(runner: OrtRunner, ref: Reference, x: torch.Tensor, y: torch.Tenso
         raise InputError(f"check.min_agreement has no floor for precision '{precision}'")
     row["agreement_floor"] = floor = min_agreement[precision]
     why = []
-    if not row["agreement"] >= floor:
-        why.append(f"agreement {row['agreement']:.4f} < {floor}")
+    if not decided:
+        why.append(f"no pixel with a PyTorch logit margin >= {decided_margin:g} (check.decided_margin)")
+    elif not row["decided_agreement"] >= floor:
+        why.append(f"agreement {row['decided_agreement']:.4f} < {floor} on decided pixels")
     if precision == "fp32":
         atol = atol_cpu if row["provider"] == "CPUExecutionProvider" else atol_cuda
         if not row["max_diff"] <= atol:
@@ -240,7 +255,8 @@ PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 
 
 def run_checks(onnx_root: str | Path, adapted_root: str | Path, prepared_root: str | Path, splits_path: str | Path, *,
-               atol_cpu: float, atol_cuda: float, min_agreement: dict[str, float], miou_drop: float, tensorrt: bool,
+               atol_cpu: float, atol_cuda: float, min_agreement: dict[str, float], decided_margin: float,
+               miou_drop: float, tensorrt: bool,
                check_size: int, latency_runs: int, warmup_runs: int) -> list[dict[str, Any]]:
     """Check every exported file found under ``onnx_root``; one result row per file."""
     device, providers = choose_providers(tensorrt)
@@ -261,7 +277,8 @@ def run_checks(onnx_root: str | Path, adapted_root: str | Path, prepared_root: s
         for precision, path in sorted(files.items(), key=lambda kv: PRECISION_ORDER.get(kv[0], 9)):
             runner = OrtRunner(path, providers, num_classes)
             row = check_one(runner, ref, x, y, precision=precision, atol_cpu=atol_cpu, atol_cuda=atol_cuda,
-                            min_agreement=min_agreement, miou_drop=miou_drop, runs=latency_runs, warmup=warmup_runs)
+                            min_agreement=min_agreement, decided_margin=decided_margin, miou_drop=miou_drop,
+                            runs=latency_runs, warmup=warmup_runs)
             rows.append({"domain": domain, "algorithm": algorithm, "precision": precision, "file": str(path),
                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **row})
             log.info("%s/%s %s: %s", domain, algorithm, precision, "passed" if row["passed"] else "FAILED")
@@ -269,7 +286,8 @@ def run_checks(onnx_root: str | Path, adapted_root: str | Path, prepared_root: s
 
 
 _COLUMNS = [("domain", "{}"), ("algorithm", "{}"), ("precision", "{}"), ("provider", "{}"), ("max_diff", "{:.2e}"),
-            ("agreement", "{:.5f}"), ("agreement_floor", "{}"), ("miou", "{:.2f}"), ("torch_miou", "{:.2f}"),
+            ("agreement", "{:.5f}"), ("decided", "{:.3f}"), ("decided_agreement", "{:.5f}"),
+            ("agreement_floor", "{}"), ("miou", "{:.2f}"), ("torch_miou", "{:.2f}"),
             ("latency_p50_ms", "{:.2f}"), ("latency_p95_ms", "{:.2f}"), ("throughput_ips", "{:.1f}"),
             ("ort_over_torch", "{:.2f}"), ("passed", "{}"), ("why", "{}")]
 
@@ -283,7 +301,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
-_METRICS = ("max_diff", "agreement", "agreement_floor", "miou", "torch_miou", "latency_p50_ms", "latency_p95_ms",
+_METRICS = ("max_diff", "agreement", "decided", "decided_agreement", "agreement_floor", "miou", "torch_miou",
+            "latency_p50_ms", "latency_p95_ms",
             "throughput_ips", "torch_latency_p50_ms", "torch_throughput_ips", "ort_over_torch")
 
 

@@ -24,7 +24,8 @@ def main(args: argparse.Namespace) -> None:
     cfg = load_config(args.params, "check")["check"]
     rows = run_checks(args.onnx, args.adapted, args.prepared, Path(args.splits) / "splits.json",
                       atol_cpu=cfg.atol_cpu, atol_cuda=cfg.atol_cuda, min_agreement=dict(cfg.min_agreement),
-                      miou_drop=cfg.miou_drop, tensorrt=cfg.tensorrt, check_size=cfg.check_size,
+                      decided_margin=cfg.decided_margin, miou_drop=cfg.miou_drop, tensorrt=cfg.tensorrt,
+                      check_size=cfg.check_size,
                       latency_runs=cfg.latency_runs, warmup_runs=cfg.warmup_runs)
     print(format_table(rows), flush=True)
     write_json(Path(args.results) / "metrics.json", flat_metrics(rows))

@@ -13,7 +13,7 @@ from pathlib import Path
 # This script is itself named "export": put the repo root first so `export` is the package, not this file.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_export import ExportError, export_adapted  # noqa: E402
+from export.onnx_export import ExportError, export_adapted, int8_reduce_range  # noqa: E402
 from metaseg.cli import InputError, run_stage, stage_parser  # noqa: E402
 from metaseg.config import load_config  # noqa: E402
 from metaseg.data.splits import load_splits  # noqa: E402
@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> None:
                                  opset=cfg.opset, export_size=cfg.export_size,
                                  calibration_images=cfg.calibration_images, params=params,
                                  evaluate_metrics=args.evaluate_metrics,
-                                 calibration_indices=support_pool(args.splits, args.adapted), resize=resize)
+                                 calibration_indices=support_pool(args.splits, args.adapted), resize=resize,
+                                 int8_reduce_range=int8_reduce_range(cfg.int8_reduce_range))
     except ExportError as err:
         sys.exit(f"error: {err}")
     write_json(Path(args.results) / "metrics.json", metrics)

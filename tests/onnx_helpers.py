@@ -113,7 +113,7 @@ def check_config(**changes: object) -> CheckConfig:
 @functools.lru_cache(maxsize=2)
 def bundle(backbone: str = BACKBONE) -> Bundle:
     """Build everything once per process and backbone (about 30 s on two busy cores), cleaned up at exit."""
-    from export.onnx_export import export_adapted
+    from export.onnx_export import export_adapted, int8_reduce_range
 
     root = Path(tempfile.mkdtemp(prefix=f"metaseg-onnx-test-{backbone}-"))
     atexit.register(shutil.rmtree, root, True)
@@ -128,5 +128,6 @@ def bundle(backbone: str = BACKBONE) -> Bundle:
     write_json(root / "splits.json", {"pools": {DOMAIN: {"support": list(range(12)), "test": TEST}}})
     metrics = export_adapted(adapted, root / "onnx" / DOMAIN / ALGORITHM, root / "prepared",
                              precisions=list(cfg.precisions), opset=cfg.opset, export_size=cfg.export_size,
-                             calibration_images=cfg.calibration_images, params={"export": cfg}, resize=RESIZE)
+                             calibration_images=cfg.calibration_images, params={"export": cfg}, resize=RESIZE,
+                             int8_reduce_range=int8_reduce_range(cfg.int8_reduce_range))
     return Bundle(root, adapted, root / "prepared", root / "splits.json", root / "onnx", metrics)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -112,3 +113,18 @@ def test_checker_failure_is_one_line() -> None:
     with pytest.raises(ExportError) as err:
         verify(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), "broken.onnx")
     assert "\n" not in str(err.value) and str(err.value).startswith("broken.onnx: ONNX check failed")
+
+
+def test_int8_weight_bits_follow_the_cpu(tmp_path: Path) -> None:
+    """export.int8_reduce_range: auto = 7-bit weights only on an x86 CPU without VNNI; 8-bit on VNNI x86 and ARM;
+    true / false are taken as given."""
+    from export.onnx_export import int8_reduce_range
+
+    plain, vnni = tmp_path / "plain", tmp_path / "vnni"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert int8_reduce_range("auto", machine="x86_64", cpuinfo=plain) is True
+    assert int8_reduce_range("auto", machine="x86_64", cpuinfo=vnni) is False
+    assert int8_reduce_range("auto", machine="aarch64", cpuinfo=plain) is False
+    assert int8_reduce_range("auto", machine="x86_64", cpuinfo=tmp_path / "missing") is False  # cannot tell: 8-bit
+    assert int8_reduce_range(True, machine="aarch64") is True and int8_reduce_range(False, cpuinfo=plain) is False

@@ -184,6 +184,8 @@ class ExportConfig(_Section):
     precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
     calibration_images: int = Field(16, ge=1)  # int8 static QDQ calibration, from the domain's own images
     export_size: int = Field(128, ge=32)  # trace shape (H = W); the check runs at another shape
+    # 7-bit int8 weights: auto = only on an x86 CPU without VNNI (ONNX Runtime's u8 x s8 kernels can saturate there)
+    int8_reduce_range: Literal["auto"] | bool = "auto"
 
 
 class CheckConfig(_Section):
@@ -191,10 +193,13 @@ class CheckConfig(_Section):
 
     atol_cpu: float = Field(1e-4, gt=0)  # fp32 max |Δlogit| on the CPU EP
     atol_cuda: float = Field(1e-3, gt=0)  # fp32 max |Δlogit| on the CUDA EP
-    # argmax agreement with PyTorch fp32 each precision must reach; healthy models measured 2026-11-23 (default
-    # run, 12 models): fp32 1.0, fp16 >= 0.9988, int8 0.946-0.965 (protonet 1.0)
+    # argmax agreement with PyTorch fp32 each precision must reach on the pixels PyTorch decides (top-two logits at
+    # least decided_margin apart; 0 = every pixel). Default run 2026-12-02, 8 adapted models: fp32 and fp16 1.0,
+    # int8 0.9979-1.0 with 8-bit weights (0.986-0.989 with 7-bit ones on the same VNNI CPU); over all pixels int8
+    # reads 0.90-0.99 because 35-65 % of the pixels of a weak model sit within 0.5 logits of a flip
     min_agreement: dict[Literal["fp32", "fp16", "int8"], Annotated[float, Field(gt=0, le=1)]] = Field(
-        default_factory=lambda: {"fp32": 0.999, "fp16": 0.995, "int8": 0.93})
+        default_factory=lambda: {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99})
+    decided_margin: float = Field(0.5, ge=0)
     miou_drop: float = Field(1.0, ge=0)  # fp16 / int8: allowed mIoU drop in points vs PyTorch fp32
     tensorrt: bool = False  # also try the TensorRT EP on CUDA
     check_size: int = Field(96, ge=32)  # input side for the check (differs from export_size on purpose)
