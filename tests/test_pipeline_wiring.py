@@ -99,3 +99,26 @@ def test_every_stage_depends_on_the_code_it_runs() -> None:
         if uncovered:
             missing[name] = uncovered
     assert not missing, f"stage deps miss imported code: {missing}"
+
+
+def test_shared_constants_and_helpers_are_defined_once() -> None:
+    """One "ignore" mask value, one list of algorithm names, one class-presence matrix: each defined in exactly
+    one module of the code (src/, export/, pipeline/, bench/), imported everywhere else."""
+    import ast
+
+    defined: dict[str, list[str]] = {"IGNORE": [], "ALGORITHMS": [], "class_presence": []}
+    for folder in ("src", "export", "pipeline", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.parse(path.read_text()).body:
+                names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    names = [node.name] + [n.name for n in node.body if isinstance(n, ast.FunctionDef)]
+                for name in set(names) & set(defined):
+                    defined[name].append(str(path.relative_to(ROOT)))
+    assert defined == {"IGNORE": ["src/metaseg/data/prepared.py"], "ALGORITHMS": ["src/metaseg/config.py"],
+                       "class_presence": ["src/metaseg/data/prepared.py"]}
+    for path in sorted((ROOT / "src").rglob("*.py")):  # no module writes the ignore value as a bare 255 literal
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value == 255
+                                                     for c in [node.left, *node.comparators]):
+                raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno}: compares with 255; use IGNORE")

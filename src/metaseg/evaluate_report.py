@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from metaseg.adapt import IMAGENET_INIT
+from metaseg.data.prepared import IGNORE
 from metaseg.evaluate import NOADAPT, EvalResult, Overlay
 from metaseg.evaluation import Interval, mean_ci
 from metaseg.io import atomic_path, write_text
@@ -69,10 +70,10 @@ _COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0
 def colour_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
     """Blend a colour per label (0 = background: untouched, 255 = ignore: grey) onto a uint8 RGB image."""
     out = image.astype(np.float32).copy()
-    fg = (labels > 0) & (labels != 255)
+    fg = (labels > 0) & (labels != IGNORE)
     colours = _COLOURS[1 + (labels.astype(np.int64) - 1) % (len(_COLOURS) - 1)]
     out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
-    out[labels == 255] = 0.5 * out[labels == 255] + 0.5 * 128
+    out[labels == IGNORE] = 0.5 * out[labels == IGNORE] + 0.5 * 128
     return out.clip(0, 255).astype(np.uint8)
 
 
@@ -88,7 +89,7 @@ def write_overlays(overlays: list[Overlay], path: Path, *, columns: dict[str, st
                              squeeze=False)
     for r, ov in enumerate(overlays):
         lut = np.zeros(256, dtype=np.uint8)  # episode labels -> domain class ids, so a class keeps its colour
-        lut[255] = 255
+        lut[IGNORE] = IGNORE
         lut[1:len(ov.class_ids) + 1] = ov.class_ids
         panels = [ov.image, colour_overlay(ov.image, lut[ov.target]),
                   *(colour_overlay(ov.image, lut[ov.preds[init]]) for init in columns.values())]

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from metaseg.data.prepared import IGNORE
 
-IGNORE = 255
+log = logging.getLogger(__name__)
 
 
 class ConfusionMatrix:
@@ -101,17 +101,17 @@ def mean_ci(values: Sequence[float] | np.ndarray, *, method: str = "t", confiden
     n, mean = len(x), float(x.mean())
     if n < 2:
         return Interval(mean, math.nan, math.nan, n, method)
-    if method == "t":
-        from scipy import stats
+    from scipy import stats
 
-        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-        return Interval(mean, mean - half, mean + half, n, method)
-    if method == "bootstrap":
-        rng = np.random.default_rng(seed)
-        means = x[rng.integers(0, n, size=(bootstrap_samples, n))].mean(axis=1)
-        alpha = (1 - confidence) / 2
-        low, high = np.quantile(means, [alpha, 1 - alpha])
+    if method == "t":
+        if not x.std() > 0:  # every episode scored the same: no spread, and scipy's scale must be positive
+            return Interval(mean, mean, mean, n, method)
+        low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=stats.sem(x))
         return Interval(mean, float(low), float(high), n, method)
+    if method == "bootstrap":
+        res = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=bootstrap_samples,
+                              method="percentile", rng=np.random.default_rng(seed))
+        return Interval(mean, float(res.confidence_interval.low), float(res.confidence_interval.high), n, method)
     raise ValueError(f"unknown CI method '{method}' (expected 't' or 'bootstrap')")
 
 

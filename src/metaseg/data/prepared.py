@@ -22,7 +22,7 @@ import numpy as np
 from metaseg.io import read_json, save_with, write_json
 
 FORMAT_VERSION = 1
-IGNORE = 255
+IGNORE = 255  # the one "not labelled" mask value, everywhere (prepared masks, losses, scores, overlays)
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,16 @@ class Domain:
     def __len__(self) -> int:
         return len(self.images)
 
-    def images_with_class(self) -> dict[int, np.ndarray]:
-        """class id (1..C) -> sorted indices of the images that contain at least one pixel of it."""
+    def class_presence(self) -> np.ndarray:
+        """bool [N, C + 1]: image i holds at least one pixel of class c (column 0 = background)."""
         present = np.zeros((len(self), 256), dtype=bool)
         for i in range(len(self)):
             present[i, np.unique(self.masks[i])] = True
+        return present[:, :self.num_classes + 1]
+
+    def images_with_class(self) -> dict[int, np.ndarray]:
+        """class id (1..C) -> sorted indices of the images that contain at least one pixel of it."""
+        present = self.class_presence()
         return {c: np.flatnonzero(present[:, c]) for c in range(1, self.num_classes + 1)}
 
 

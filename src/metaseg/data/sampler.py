@@ -45,9 +45,7 @@ class TrainSampler:
             usable = np.array([c for c, idx in per_class.items() if len(idx) >= shots + queries], dtype=np.int64)
             if len(usable) >= ways:
                 self._index[name] = (usable, {int(c): per_class[int(c)] for c in usable})
-                self._present[name] = np.zeros((len(d), d.num_classes + 1), dtype=bool)
-                for c, idx in per_class.items():
-                    self._present[name][idx, c] = True
+                self._present[name] = d.class_presence()
             else:
                 skipped.append(f"{name} ({len(usable)} classes with >= {shots + queries} images)")
         if skipped:

@@ -21,14 +21,6 @@ class SplitLeakError(ValueError):
     """A split invariant is broken (an image leaks between roles or pools, a support lacks its class, ...)."""
 
 
-def _presence(dataset: PreparedDataset, name: str) -> np.ndarray:
-    domain = dataset.domain(name)
-    present = np.zeros((len(domain), domain.num_classes + 1), dtype=bool)
-    for c, idx in domain.images_with_class().items():
-        present[idx, c] = True
-    return present
-
-
 def _check_episode(ep: Episode, name: str, k: int | None, ways: int | None, present: np.ndarray,
                    sup_pool: set[int], test_pool: set[int], deploy_shots: int = 1) -> list[str]:
     where = f"{name} K={k}" if k is not None else f"{name} deploy"
@@ -96,7 +88,7 @@ def validate_splits(dataset: PreparedDataset, splits: dict[str, Any], episodes: 
         sup, test = set(splits["pools"][name]["support"]), set(splits["pools"][name]["test"])
         if sup & test:
             bad.append(f"{name}: images {sorted(sup & test)[:10]} are in both the support and the test pool")
-        present = _presence(dataset, name)
+        present = dataset.domain(name).class_presence()
         for k, eps in episodes.get(name, {}).items():
             for ep in eps:
                 bad.extend(_check_episode(ep, name, int(k), splits.get("ways"), present, sup, test))

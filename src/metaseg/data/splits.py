@@ -70,14 +70,6 @@ def resolve_roles(cfg: SplitsConfig, available: list[str]) -> dict[str, list[str
     return {"meta_train": train, "meta_val": list(cfg.meta_val), "meta_test": list(cfg.meta_test)}
 
 
-def class_presence(domain: Domain) -> np.ndarray:
-    """bool [N, C + 1]: column c says whether image i has a pixel of class c (column 0 unused)."""
-    present = np.zeros((len(domain), domain.num_classes + 1), dtype=bool)
-    for c, idx in domain.images_with_class().items():
-        present[idx, c] = True
-    return present
-
-
 def split_pools(present: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (by rarest class) support / test pools, sorted image indices."""
     counts = present[:, 1:].sum(axis=0)
@@ -171,7 +163,7 @@ def make_splits(dataset: PreparedDataset, cfg: SplitsConfig, *, seed: int) -> Sp
     deploy: dict[str, Episode] = {}
     for name in roles["meta_val"] + roles["meta_test"]:
         domain = dataset.domain(name)
-        present = class_presence(domain)
+        present = domain.class_presence()
         sup, test = split_pools(present, cfg.support_pool, rng_for(seed, name, _POOLS))
         if len(sup) == 0 or len(test) == 0:
             raise ConfigError(f"'splits.support_pool': domain '{name}' ({len(domain)} images) gives an empty "

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaseg.config import ALGORITHMS  # the one list of algorithm names (re-exported)
 from metaseg.evaluation import iou_of_labels
 from metaseg.meta.fast_adapt import TrainedInit
 from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, support_stat_layer, task_buffers
@@ -28,7 +29,7 @@ from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import HEAD_NAMES, inner_param_names
 from metaseg.models.heads import HeadOnly, deeplab_features, expand_head, expand_rows, proto_head
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer")
+
 def train_mode(model: nn.Module, bn_stats: str) -> None:
     """``model.train()`` for supervised training, except the BN layers that keep their stored statistics under
     ``bn_stats`` (the pre-trained backbone's, with ``pretrained``): those stay in eval mode, frozen."""
@@ -70,12 +71,9 @@ class Algorithm:
         self.aux_weight, self.dice_weight, self.amp_dtype = aux_weight, dice_weight, amp_dtype
         self._setup()
         self.optimizer = self._make_optimizer(outer_optimizer, outer_lr, weight_decay)
-        total = max(1, iterations)
-
-        def factor(t: int) -> float:
-            return 0.5 * (1 + math.cos(math.pi * min(t, total) / total)) if schedule == "cosine" else 1.0
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        sched = torch.optim.lr_scheduler
+        self.scheduler = (sched.CosineAnnealingLR(self.optimizer, T_max=max(1, iterations)) if schedule == "cosine"
+                          else sched.ConstantLR(self.optimizer, factor=1.0, total_iters=0))
         self.scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16 and self.device.type == "cuda")
 
     # --- hooks -------------------------------------------------------------------------------------------

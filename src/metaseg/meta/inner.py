@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metaseg.data.prepared import IGNORE
 from metaseg.models.deeplab import BODY_PREFIX
 
-IGNORE = 255
 Params = dict[str, Tensor]
 LossFn = Callable[[Any, Tensor], Tensor]
 
