@@ -147,3 +147,39 @@ def test_inits_must_match_the_model_backbone_and_normalisation(ws: Path) -> None
                                   loss=LOSS)
     with pytest.raises(InputError, match="input normalisation"):
         shared_norm({"fomaml": inits["fomaml"], "lite": other})
+
+
+def test_evaluate_scores_full_network_metasgd_and_protonet_inits(ws: Path, tmp_path: Path) -> None:
+    """The inits the train stage writes for first-order MAML (every parameter adapts), Meta-SGD (learned rates)
+    and protonet (prototypes baked into the head, head-only fine-tuning) load from their files and are adapted
+    and scored by the evaluate code like any other init, curve and no-adaptation score included; Meta-SGD's file
+    keeps its learned rates, and zero rates leave its score where it started."""
+    from metaseg.meta.algorithms import make_algorithm
+    from metaseg.models.deeplab import build_model
+
+    inits = {}
+    for i, name in enumerate(("fomaml", "metasgd", "protonet")):
+        torch.manual_seed(200 + i)
+        algo = make_algorithm(name, build_model("mobilenet_v3_large"), inner_steps=1, inner_lr=0.01, outer_lr=1e-3,
+                              bn_stats="support")
+        torch.save({**fast_adapt.init_to_dict(algo.export_init(backbone="mobilenet_v3_large", image_size=64)),
+                    "val_miou": 1.0}, tmp_path / f"{name}.pt")
+        inits[name] = fast_adapt.load_init(tmp_path / f"{name}.pt")
+    assert inits["fomaml"].adapt_names is None and inits["metasgd"].inner_lrs
+    assert inits["protonet"].head == "prototype" and inits["protonet"].proto_scale is not None
+    frozen = dataclasses.replace(inits["metasgd"], algorithm="metasgd_zero",
+                                 inner_lrs={k: torch.zeros_like(v) for k, v in inits["metasgd"].inner_lrs.items()})
+    episodes = {d: {k: eps[:1] for k, eps in per_k.items()}
+                for d, per_k in load_episodes(ws / "data/splits/episodes.json").items()}
+    result = evaluate_inits(PreparedDataset(ws / "data/prepared"), episodes, {**inits, "metasgd_zero": frozen},
+                            domains=TEST_DOMAINS, shots=SHOTS, device=torch.device("cpu"), seed=SEED, progress=False,
+                            settings=AdaptSettings(steps=STEPS, lr=None, optimizer="sgd"))  # the learned rates
+    for d in TEST_DOMAINS:
+        for k in SHOTS:
+            for name in (*inits, "metasgd_zero"):
+                curve = result.curves[(d, name, k)]
+                assert len(curve) == STEPS + 1 and all(math.isfinite(s.miou) for s in curve), (d, name, k)
+            zero = result.curves[(d, "metasgd_zero", k)]
+            assert zero[-1].per_episode == zero[0].per_episode  # no step taken: the rates are the learned ones
+    learned = [result.curves[(d, "metasgd", k)] for d in TEST_DOMAINS for k in SHOTS]
+    assert any(c[-1].per_episode != c[0].per_episode for c in learned)  # while the learned rates do move it
