@@ -271,8 +271,9 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
                    opset: int, export_size: int, calibration_images: int, params: Mapping[str, Any],
                    evaluate_metrics: str | Path | None = None,
                    calibration_indices: list[int] | None = None, resize: str,
-                   int8_reduce_range: bool) -> dict[str, float]:
-    """Write every precision + card.json into ``out_dir`` (swapped in whole); returns flat export metrics.
+                   int8_reduce_range: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Write every precision + card.json into ``out_dir`` (swapped in whole); returns the flat export metrics (sizes)
+    and, apart, the timings (``export_s_<precision>``).
     ``int8_reduce_range``: 7-bit int8 weights (see ``to_int8``; resolve ``export.int8_reduce_range`` with
     ``int8_reduce_range()``)."""
     if not precisions:
@@ -286,10 +287,11 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
     digest, commit = params_hash(params), git_commit(Path(__file__).resolve().parent)
     files: dict[str, dict[str, Any]] = {}
     metrics: dict[str, float] = {}
+    timings: dict[str, float] = {}
     with atomic_dir(out_dir) as tmp:
         t0 = time.perf_counter()
         fp32 = verify(export_fp32(model, opset=opset, export_size=export_size), "model.fp32.onnx")
-        metrics["export_s_fp32"] = time.perf_counter() - t0
+        timings["export_s_fp32"] = time.perf_counter() - t0
         for precision in precisions:
             t0 = time.perf_counter()
             if precision == "fp32":
@@ -304,7 +306,7 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
             data = verify(_set_metadata(proto, props), name).SerializeToString()
             write_bytes(tmp / name, data)
             if precision != "fp32":
-                metrics[f"export_s_{precision}"] = time.perf_counter() - t0
+                timings[f"export_s_{precision}"] = time.perf_counter() - t0
             metrics[f"size_mb_{precision}"] = len(data) / 1e6
             files[precision] = {"file": name, "size_mb": round(len(data) / 1e6, 3),
                                 "sha256": hashlib.sha256(data).hexdigest()}
@@ -316,4 +318,4 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
                           params=params, digest=digest, commit=commit, calibration=len(calibration),
                           evaluate_metrics=evaluate_metrics, weight_bits=7 if int8_reduce_range else 8)
         write_json(tmp / "card.json", card)
-    return metrics
+    return metrics, timings

@@ -301,9 +301,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
-_METRICS = ("max_diff", "agreement", "decided", "decided_agreement", "agreement_floor", "miou", "torch_miou",
-            "latency_p50_ms", "latency_p95_ms",
-            "throughput_ips", "torch_latency_p50_ms", "torch_throughput_ips", "ort_over_torch")
+_METRICS = ("max_diff", "agreement", "decided", "decided_agreement", "agreement_floor", "miou", "torch_miou")
+_TIMINGS = ("latency_p50_ms", "latency_p95_ms", "throughput_ips", "torch_latency_p50_ms", "torch_throughput_ips",
+            "ort_over_torch")
+
+
+def _key(r: dict[str, Any]) -> str:
+    return f"{r['domain']}/{r['algorithm']}/{r['precision']}"
 
 
 def flat_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -311,11 +315,16 @@ def flat_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"models": len(rows), "failed": sum(not r["passed"] for r in rows),
                            "passed": int(all(r["passed"] for r in rows))}
     for r in rows:
-        key = f"{r['domain']}/{r['algorithm']}/{r['precision']}"
-        out.update({f"{key}/{m}": r[m] for m in _METRICS if np.isfinite(r[m])})
-        out[f"{key}/provider"] = r["provider"]
-        out[f"{key}/passed"] = int(r["passed"])
+        out.update({f"{_key(r)}/{m}": r[m] for m in _METRICS if np.isfinite(r[m])})
+        out[f"{_key(r)}/provider"] = r["provider"]
+        out[f"{_key(r)}/passed"] = int(r["passed"])
     return out
+
+
+def flat_timings(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """results/check/timings.json: ``<domain>/<algorithm>/<precision>/<timing>`` latency and throughput of ORT
+    and PyTorch, kept out of metrics.json (they change on every run; the table on stdout shows them too)."""
+    return {f"{_key(r)}/{t}": r[t] for r in rows for t in _TIMINGS if np.isfinite(r[t])}
 
 
 def verified(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from metaseg.cli import InputError, choose_device, run_stage, stage_parser
 from metaseg.config import load_config
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_deploy, load_splits
-from metaseg.io import write_json
+from metaseg.io import write_json, write_timings
 from metaseg.meta.fast_adapt import load_init
 
 log = logging.getLogger("adapt")
@@ -38,10 +38,12 @@ def main(args: argparse.Namespace) -> None:
                              scratch_lr=cfg["adapt"].scratch_lr, seed=cfg["base"].seed)
     else:
         init = load_init(args.init, device)
-    metrics = adapt_deployment(dataset.domain(args.domain), deploy[args.domain], test_pool, init, Path(args.out),
-                               settings=AdaptSettings.from_config(cfg["adapt"]), seed=cfg["base"].seed, device=device)
+    metrics, timings = adapt_deployment(dataset.domain(args.domain), deploy[args.domain], test_pool, init,
+                                        Path(args.out), settings=AdaptSettings.from_config(cfg["adapt"]),
+                                        seed=cfg["base"].seed, device=device)
     write_json(Path(args.results) / "metrics.json", metrics)
-    log.info("wrote %s and %s", args.out, Path(args.results) / "metrics.json")
+    write_timings(args.results, timings)
+    log.info("wrote %s and %s (metrics.json, timings.json)", args.out, args.results)
 
 
 if __name__ == "__main__":
@@ -51,5 +53,5 @@ if __name__ == "__main__":
     parser.add_argument("--prepared", required=True, help="prepared dataset folder (data/prepared)")
     parser.add_argument("--splits", required=True, help="splits folder (data/splits)")
     parser.add_argument("--out", required=True, help="adapted model file (models/adapted/<domain>/<alg>.pt)")
-    parser.add_argument("--results", required=True, help="results folder for metrics.json")
+    parser.add_argument("--results", required=True, help="results folder for metrics.json, timings.json")
     run_stage(main, parser)

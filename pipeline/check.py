@@ -3,8 +3,9 @@
     python pipeline/check.py --params params.yaml --onnx models/onnx --adapted models/adapted --prepared data/prepared \
         --splits data/splits --results results/check
 
-Prints a table, writes results/check/metrics.json (passed = 0/1 per model and overall) and results/check/verified.json
-(only the files that passed, with their sha256); any breach exits 1 with one line after the table.
+Prints a table, writes results/check/metrics.json (passed = 0/1 per model and overall), results/check/timings.json
+(latency and throughput) and results/check/verified.json (only the files that passed, with their sha256); any breach
+exits 1 with one line after the table.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.runtime_check import CheckFailed, enforce, flat_metrics, format_table, run_checks, verified  # noqa: E402
+from export.runtime_check import (CheckFailed, enforce, flat_metrics, flat_timings, format_table,  # noqa: E402
+                                  run_checks, verified)
 from metaseg.cli import run_stage, stage_parser  # noqa: E402
 from metaseg.config import load_config  # noqa: E402
-from metaseg.io import write_json  # noqa: E402
+from metaseg.io import write_json, write_timings  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> None:
@@ -29,6 +31,7 @@ def main(args: argparse.Namespace) -> None:
                       latency_runs=cfg.latency_runs, warmup_runs=cfg.warmup_runs)
     print(format_table(rows), flush=True)
     write_json(Path(args.results) / "metrics.json", flat_metrics(rows))
+    write_timings(args.results, flat_timings(rows))
     write_json(Path(args.results) / "verified.json", verified(rows))
     try:
         enforce(rows)
@@ -42,5 +45,5 @@ if __name__ == "__main__":
     parser.add_argument("--adapted", required=True, help="models/adapted")
     parser.add_argument("--prepared", required=True, help="data/prepared")
     parser.add_argument("--splits", required=True, help="data/splits (reads splits.json)")
-    parser.add_argument("--results", required=True, help="results/check")
+    parser.add_argument("--results", required=True, help="results/check (metrics.json, timings.json, verified.json)")
     run_stage(main, parser)

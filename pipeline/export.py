@@ -17,7 +17,7 @@ from export.onnx_export import ExportError, export_adapted, int8_reduce_range  #
 from metaseg.cli import InputError, run_stage, stage_parser  # noqa: E402
 from metaseg.config import load_config  # noqa: E402
 from metaseg.data.splits import load_splits  # noqa: E402
-from metaseg.io import write_json  # noqa: E402
+from metaseg.io import write_json, write_timings  # noqa: E402
 
 SECTIONS = ("export",)  # the params this stage reads (hashed into the ONNX metadata)
 
@@ -38,15 +38,16 @@ def main(args: argparse.Namespace) -> None:
     cfg = params["export"]
     resize = load_config(args.params, "prepare")["prepare"].resize  # travels in the metadata to infer.py
     try:
-        metrics = export_adapted(args.adapted, args.out, args.prepared, precisions=list(cfg.precisions),
-                                 opset=cfg.opset, export_size=cfg.export_size,
-                                 calibration_images=cfg.calibration_images, params=params,
-                                 evaluate_metrics=args.evaluate_metrics,
-                                 calibration_indices=support_pool(args.splits, args.adapted), resize=resize,
-                                 int8_reduce_range=int8_reduce_range(cfg.int8_reduce_range))
+        metrics, timings = export_adapted(args.adapted, args.out, args.prepared, precisions=list(cfg.precisions),
+                                          opset=cfg.opset, export_size=cfg.export_size,
+                                          calibration_images=cfg.calibration_images, params=params,
+                                          evaluate_metrics=args.evaluate_metrics,
+                                          calibration_indices=support_pool(args.splits, args.adapted), resize=resize,
+                                          int8_reduce_range=int8_reduce_range(cfg.int8_reduce_range))
     except ExportError as err:
         sys.exit(f"error: {err}")
     write_json(Path(args.results) / "metrics.json", metrics)
+    write_timings(args.results, timings)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from metaseg.cli import run_stage, stage_parser
 from metaseg.config import load_config
 from metaseg.data.prepare import run_prepare, save_samples
 from metaseg.data.prepared import write_prepared
-from metaseg.io import atomic_dir, write_json
+from metaseg.io import atomic_dir, write_json, write_timings
 
 log = logging.getLogger("prepare")
 
@@ -26,6 +26,7 @@ def main(args: argparse.Namespace) -> None:
                        extra={"skipped": len(result.skipped)})
     results = Path(args.results)
     write_json(results / "metrics.json", result.metrics)
+    write_timings(results, result.timings)
     write_json(results / "skipped.json", result.skipped)
     save_samples(result.domains, results / "plots" / "samples.png")
     if result.skipped:
@@ -36,7 +37,7 @@ def main(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--out", default="data/prepared", help="prepared dataset folder (written atomically)")
-    p.add_argument("--results", default="results/prepare", help="metrics.json, skipped.json, plots/")
+    p.add_argument("--results", default="results/prepare", help="metrics.json, timings.json, skipped.json, plots/")
     return p
 
 

@@ -91,6 +91,7 @@ class Bundle:
     splits: Path
     onnx_root: Path  # <root>/onnx, holding toy/transfer/model.*.onnx
     export_metrics: dict[str, float]
+    export_timings: dict[str, float]
 
     @property
     def onnx_dir(self) -> Path:
@@ -126,8 +127,8 @@ def bundle(backbone: str = BACKBONE) -> Bundle:
                    image_size=SIZE)
     cfg = export_config()
     write_json(root / "splits.json", {"pools": {DOMAIN: {"support": list(range(12)), "test": TEST}}})
-    metrics = export_adapted(adapted, root / "onnx" / DOMAIN / ALGORITHM, root / "prepared",
-                             precisions=list(cfg.precisions), opset=cfg.opset, export_size=cfg.export_size,
-                             calibration_images=cfg.calibration_images, params={"export": cfg}, resize=RESIZE,
-                             int8_reduce_range=int8_reduce_range(cfg.int8_reduce_range))
-    return Bundle(root, adapted, root / "prepared", root / "splits.json", root / "onnx", metrics)
+    metrics, timings = export_adapted(adapted, root / "onnx" / DOMAIN / ALGORITHM, root / "prepared",
+                                      precisions=list(cfg.precisions), opset=cfg.opset, export_size=cfg.export_size,
+                                      calibration_images=cfg.calibration_images, params={"export": cfg},
+                                      resize=RESIZE, int8_reduce_range=int8_reduce_range(cfg.int8_reduce_range))
+    return Bundle(root, adapted, root / "prepared", root / "splits.json", root / "onnx", metrics, timings)

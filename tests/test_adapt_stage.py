@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eval_helpers import SEED, make_workspace
+from timing_helpers import read_apart
 from metaseg.adapt import AdaptSettings, adapt_deployment, baseline_init
 from metaseg.config import ConfigError, ModelConfig, TrainConfig
 from metaseg.data.prepared import PreparedDataset
@@ -54,6 +55,11 @@ def test_stage_ships_a_model_that_learned_and_scores_the_test_pool(ws: Path) -> 
     assert (meta["domain"], meta["algorithm"], meta["steps"], meta["image_size"]) == (DOMAIN, "fomaml", 2, 64)
     mean, std = normalization("mobilenet_v3_large")  # the init's backbone normalisation travels with the model
     assert (meta["mean"], meta["std"], meta["arch"]["output_stride"]) == (list(mean), list(std), 16)
+
+
+def test_adapt_time_goes_to_timings_not_metrics(ws: Path) -> None:
+    _, timings = read_apart(ws / f"results/adapt/{DOMAIN}/fomaml")
+    assert set(timings) == {"adapt_seconds"} and timings["adapt_seconds"] > 0
 
 
 def test_same_seed_gives_identical_adapted_weights(ws: Path, tmp_path: Path) -> None:
@@ -154,8 +160,8 @@ def test_lite0_imagenet_init_deploys_with_its_normalisation(ws: Path, tmp_path: 
     lite = ModelConfig(backbone="efficientnet_lite0", backbone_weights="imagenet", bn_stats="pretrained",
                        output_stride=stride, body_stage=stage)
     init = baseline_init("imagenet", model=lite, train=TrainConfig(), image_size=64, scratch_lr=1e-4, seed=SEED)
-    m = adapt_deployment(ds.domain(DOMAIN), deploy, test[:4], init, tmp_path / "lite.pt",
-                         settings=AdaptSettings(steps=1), seed=SEED, device=torch.device("cpu"))
+    m, _ = adapt_deployment(ds.domain(DOMAIN), deploy, test[:4], init, tmp_path / "lite.pt",
+                            settings=AdaptSettings(steps=1), seed=SEED, device=torch.device("cpu"))
     assert m["reload_max_abs_logit_diff"] < 1e-4 and m["support_loss_after"] < m["support_loss_before"]
     model, meta = load_adapted(tmp_path / "lite.pt")
     mean, std = normalization("efficientnet_lite0")

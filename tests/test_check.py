@@ -18,6 +18,7 @@ from export.onnx_export import classifier_node
 from export.runtime_check import CheckFailed, OrtRunner, enforce, format_table, pool_miou, run_checks
 from metaseg.evaluation import iou_of_labels
 from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, adapted_root, bundle, check_config
+from tests.timing_helpers import assert_apart, read_apart
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,8 +90,9 @@ def test_perturbed_model_fails_the_stage(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "failed the runtime check: toy/transfer/fp32" in proc.stderr.strip().splitlines()[-1]
     assert "max_diff" in proc.stdout  # the table comes first
-    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    metrics, timings = read_apart(tmp_path / "results")  # written by a failing check too, latency apart
     assert metrics["passed"] == 0 and metrics["toy/transfer/fp32/passed"] == 0
+    assert timings["toy/transfer/fp32/latency_p50_ms"] > 0 and timings["toy/transfer/fp16/ort_over_torch"] > 0
     assert metrics["toy/transfer/fp16/passed"] == 1
     verified = json.loads((tmp_path / "results" / "verified.json").read_text())["verified"]
     assert [v["precision"] for v in verified] == ["fp16"]
@@ -152,6 +154,25 @@ def test_agreement_floor_counts_the_pixels_pytorch_decides() -> None:
     row = check_one(_Fixed(ref), Reference([torch.zeros(1, 2, 10, 10)], 100.0, reference.speed), x, y,
                     decided_margin=0.5, **kw)  # PyTorch decides nothing: the gate cannot pass
     assert row["decided"] == 0.0 and not row["passed"] and "no pixel with a PyTorch logit margin" in row["why"]
+
+
+def test_latency_and_throughput_go_to_timings_not_metrics() -> None:
+    """metrics.json holds what the check decided on (`dvc metrics diff` in a review); timings.json the clock."""
+    from export.runtime_check import Reference, check_one, flat_metrics, flat_timings
+
+    ref = torch.zeros(1, 2, 10, 10)
+    ref[:, 1] = 2.0
+    x, y = torch.zeros(1, 3, 10, 10), torch.ones(1, 10, 10, dtype=torch.long)
+    row = check_one(_Fixed(ref), Reference([ref], 100.0, {"latency_p50_ms": 2.0, "throughput_ips": 1.0}), x, y,
+                    precision="fp16", atol_cpu=1e-4, atol_cuda=1e-3, min_agreement={"fp16": 0.999},
+                    decided_margin=0.5, miou_drop=1.0, runs=2, warmup=0)
+    rows = [{"domain": "d", "algorithm": "a", "precision": "fp16", **row}]
+    metrics, timings = flat_metrics(rows), flat_timings(rows)
+    assert_apart(metrics, timings)
+    assert set(timings) == {f"d/a/fp16/{k}" for k in ("latency_p50_ms", "latency_p95_ms", "throughput_ips",
+                                                      "torch_latency_p50_ms", "torch_throughput_ips",
+                                                      "ort_over_torch")}
+    assert metrics["d/a/fp16/passed"] == 1 and metrics["d/a/fp16/miou"] == 100.0
 
 
 def test_provider_choice_consults_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from eval_helpers import ALGORITHMS, SEED, TEST_DOMAINS, make_workspace
 from meta_helpers import LOSS
+from timing_helpers import read_apart
 from metaseg.adapt import AdaptSettings
 from metaseg.cli import InputError
 from metaseg.config import ConfigError, ModelConfig, TrainConfig
@@ -52,7 +53,13 @@ def test_metrics_keys_per_domain_init_shot_and_mean(ws: Path) -> None:
                 assert math.isfinite(m[f"{d}.{init}.shot{k}.ci95"]) and m[f"{d}.{init}.shot{k}.ci95"] >= 0
             assert m[f"mean.{init}.shot{k}.miou"] == pytest.approx(
                 sum(m[f"{d}.{init}.shot{k}.miou"] for d in TEST_DOMAINS) / len(TEST_DOMAINS), abs=1e-3)
-    assert m["speed.episodes_per_s"] > 0 and "claim.delta_points" in m
+    assert "claim.delta_points" in m
+
+
+def test_speed_goes_to_timings_not_metrics(ws: Path) -> None:
+    _, timings = read_apart(ws / "results/evaluate")
+    assert timings["speed.episodes_per_s"] > 0 and timings["speed.seconds"] > 0
+    assert {f"speed.{init}.episodes_per_s" for init in INITS} <= set(timings)
 
 
 def test_report_table_and_plot_files(ws: Path) -> None:

@@ -15,6 +15,7 @@ from export.onnx_export import CLASSIFIER_WEIGHT, ExportError, classifier_node, 
 from metaseg.models.adapted import load_adapted
 from metaseg.models.backbones import normalization
 from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, RESIZE, SIZE, bundle, export_config
+from tests.timing_helpers import assert_apart
 
 
 @pytest.mark.parametrize("shape", [(1, 3, SIZE, SIZE), (2, 3, 80, 104)])
@@ -85,6 +86,13 @@ def test_card_and_sizes() -> None:
     assert "export/infer.py" in card["how_to_run"]
     assert b.export_metrics["fp16_over_fp32"] <= 0.52
     assert b.export_metrics["int8_over_fp32"] <= 0.30
+
+
+def test_export_times_go_to_timings_not_metrics() -> None:
+    b = bundle()
+    assert_apart(b.export_metrics, b.export_timings)
+    assert set(b.export_timings) == {"export_s_fp32", "export_s_fp16", "export_s_int8"}
+    assert {"size_mb_fp32", "fp16_over_fp32", "int8_over_fp32"} <= set(b.export_metrics)
 
 
 def test_int8_keeps_the_classifier_conv_float_and_quantises_the_rest() -> None:

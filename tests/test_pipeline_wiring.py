@@ -1,9 +1,12 @@
 """params.yaml and dvc.yaml stay in step with the config classes: one name per stage, params flow one way."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import yaml
+from timing_helpers import is_timing
 
 from metaseg.config import SECTIONS
 
@@ -122,3 +125,35 @@ def test_shared_constants_and_helpers_are_defined_once() -> None:
             if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value == 255
                                                      for c in [node.left, *node.comparators]):
                 raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno}: compares with 255; use IGNORE")
+
+
+_TIMES = re.compile(r"\b(perf_counter|monotonic|time\.time|write_timings)\(")  # reads a clock, writes timings
+
+
+def _entries(stage: dict, kind: str) -> dict[str, dict]:
+    """A stage's ``outs`` / ``metrics`` as {path: options}."""
+    out: dict[str, dict] = {}
+    for entry in stage.get(kind, []):
+        path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        out[path] = options or {}
+    return out
+
+
+def test_metrics_files_hold_quality_and_timings_are_plain_outputs() -> None:
+    """`dvc metrics diff` shows what a change did to quality: every stage's metrics files are metrics.json files
+    whose committed copies hold no timing; every stage whose code reads a clock declares timings.json beside each of
+    its metrics.json as a plain git-tracked output (cache: false), never under metrics, so `dvc metrics show/diff`
+    leave it out unless it is named with --targets."""
+    for name in DVC:
+        stage = _stage(name)
+        metrics, outs = _entries(stage, "metrics"), _entries(stage, "outs")
+        assert metrics and all(p.endswith("/metrics.json") for p in metrics), (name, sorted(metrics))
+        for pattern in metrics:
+            for path in ROOT.glob(re.sub(r"\$\{[^}]*\}", "*", pattern)):  # the committed results of the stage
+                timings = sorted(k for k in json.loads(path.read_text()) if is_timing(k))
+                assert not timings, f"{path.relative_to(ROOT)}: timings among the metrics: {timings}"
+        closure = _import_closure(f"pipeline/{name}.py") - {"src/metaseg/io.py"}  # io defines write_timings
+        if any(_TIMES.search((ROOT / f).read_text(encoding="utf-8")) for f in closure):
+            for pattern in metrics:
+                timings_out = pattern.removesuffix("metrics.json") + "timings.json"
+                assert outs.get(timings_out) == {"cache": False}, f"{name}: declare {timings_out} (cache: false)"

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from meta_helpers import SIZE, make_fixture
+from timing_helpers import read_apart
 
 from metaseg.config import AdaptConfig, BaseConfig, ModelConfig, SplitsConfig, TrainConfig
 from metaseg.meta import algorithms
@@ -37,11 +38,16 @@ def test_resumed_run_reaches_the_same_weights(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     ia, ib = torch.load(full / "init.pt", weights_only=False), torch.load(part / "init.pt", weights_only=False)
     assert ia["iteration"] == ib["iteration"] and all(torch.equal(ia["params"][k], ib["params"][k]) for k in ia["params"])
-    summary = json.loads((full / "results" / "metrics.json").read_text())
-    assert summary["iterations"] == 4 and math.isfinite(summary["s_per_step"])
+    summary, timings = read_apart(full / "results")  # DVCLive's summary keeps the quality numbers only
+    assert summary["iterations"] == 4 and {"loss", "query_miou", "val_miou", "best_val_miou"} <= set(summary)
+    assert set(timings) == {"train_time_s", "s_per_step"} and math.isfinite(timings["s_per_step"])
     assert {p.name for p in (full / "results" / "plots" / "metrics").glob("*.tsv")} >= {"loss.tsv", "val_miou.tsv"}
     rows = (part / "results" / "plots" / "metrics" / "loss.tsv").read_text().strip().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # no duplicates after resuming
+    step_rows = (part / "results" / "plots" / "metrics" / "step_time_s.tsv").read_text().strip().splitlines()
+    assert step_rows[0] == "step\tstep_time_s" and [r.split("\t")[0] for r in step_rows[1:]] == ["1", "2", "3", "4"]
+    assert all(float(r.split("\t")[1]) > 0 for r in step_rows[1:])
+    read_apart(part / "results")
     val_rows = (full / "results" / "plots" / "metrics" / "val_miou.tsv").read_text().strip().splitlines()
     assert [r.split("\t")[0] for r in val_rows[1:]] == ["0", "2", "4"]
 

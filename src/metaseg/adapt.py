@@ -114,8 +114,10 @@ def deploy_seed(seed: int, domain: str) -> int:
 
 
 def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init: fast_adapt.TrainedInit, out: Path,
-                     *, settings: AdaptSettings, seed: int, device: torch.device) -> dict[str, float | int]:
-    """Adapt on the deployment set, write ``out`` (save_adapted), reload it and score the test pool (percent)."""
+                     *, settings: AdaptSettings, seed: int,
+                     device: torch.device) -> tuple[dict[str, float | int], dict[str, float]]:
+    """Adapt on the deployment set, write ``out`` (save_adapted), reload it and score the test pool (percent).
+    Returns the flat metrics and, apart, the timings (``adapt_seconds``)."""
     if not deploy.support:
         raise InputError(f"domain '{domain.name}': deployment support set is empty (check deploy.json)")
     if not test_pool:
@@ -156,11 +158,11 @@ def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init
         "support_loss_before": adapted.support_loss_before, "support_loss_after": adapted.support_loss_after,
         "test_miou": 100 * scores.miou, "test_fbiou": 100 * scores.fbiou, "test_images": len(test_pool),
         "support_images": len(deploy.support), "steps": settings.steps, "reload_max_abs_logit_diff": max_diff,
-        "adapt_seconds": adapt_s,
     }
     for c, iou in scores.class_iou.items():
         metrics[f"test_iou.{class_names[c]}"] = 100 * iou
     log.info("%s / %s: support loss %.3f -> %.3f, test mIoU %.1f, FB-IoU %.1f (%d images)", domain.name,
              init.algorithm, metrics["support_loss_before"], metrics["support_loss_after"], metrics["test_miou"],
              metrics["test_fbiou"], len(test_pool))
-    return {k: v if isinstance(v, int) else round(float(v), 6) for k, v in metrics.items() if np.isfinite(v)}
+    flat = {k: v if isinstance(v, int) else round(float(v), 6) for k, v in metrics.items() if np.isfinite(v)}
+    return flat, {"adapt_seconds": round(adapt_s, 6)}

@@ -308,8 +308,13 @@ def metrics_dict(result: EvalResult, *, domains: list[str], shots: list[int], no
                     out[f"{key}.diverged"] = float(result.diverged.get((d, init, k), 0))
             out[f"mean.{init}.shot{k}.miou"] = round(100 * float(np.mean([s.miou for s in per_domain])), 4)
             out[f"mean.{init}.shot{k}.fbiou"] = round(100 * float(np.mean([s.fbiou for s in per_domain])), 4)
-    out.update({f"speed.{k}": round(v, 4) for k, v in result.speed.items()})
     return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+def timings_dict(result: EvalResult) -> dict[str, float]:
+    """The stage's timings.json (apart from the metrics): ``speed.{seconds,episodes,episodes_per_s}`` and
+    ``speed.<init>.episodes_per_s``."""
+    return {f"speed.{k}": round(v, 4) for k, v in result.speed.items() if np.isfinite(v)}
 
 
 def shared_norm(inits: dict[str, fast_adapt.TrainedInit]) -> tuple[list[float], list[float]]:

@@ -228,9 +228,9 @@ def write_report(path: Path, text: str) -> None:
 def write_outputs(result: EvalResult, out: Path, *, domains: list[str], shots: list[int], inits: list[str],
                   meta_algs: list[str], meta_val: dict[str, float], no_adapt: bool, ci: str, bootstrap_samples: int,
                   seed: int) -> dict[str, float]:
-    """metrics.json, report.md and plots/ (swapped in whole) under ``out``; returns the metrics."""
-    from metaseg.evaluate import metrics_dict
-    from metaseg.io import atomic_dir, write_json
+    """metrics.json, timings.json, report.md and plots/ (swapped in whole) under ``out``; returns the metrics."""
+    from metaseg.evaluate import metrics_dict, timings_dict
+    from metaseg.io import atomic_dir, write_json, write_timings
 
     metrics = metrics_dict(result, domains=domains, shots=shots, no_adapt=no_adapt)
     text, claim = report_markdown(result, domains=domains, shots=shots, inits=inits, meta_algs=meta_algs,
@@ -250,4 +250,5 @@ def write_outputs(result: EvalResult, out: Path, *, domains: list[str], shots: l
                 write_overlays(result.overlays[d], plots / f"{d}_overlays.png", columns=columns)
     write_report(out / "report.md", text)
     write_json(out / "metrics.json", metrics)
+    write_timings(out, timings_dict(result))
     return metrics

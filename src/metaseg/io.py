@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,16 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Deterministic JSON (sorted keys, fixed indent) written atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+TIMINGS = "timings.json"  # beside a stage's metrics.json; a plain output, so `dvc metrics diff` leaves it out
+
+
+def write_timings(results: str | Path, timings: Mapping[str, Any]) -> None:
+    """``<results>/timings.json``: a stage's clock readings (seconds, latency, throughput), atomically. They change on
+    every run, so they live apart from the quality metrics in ``metrics.json``: `dvc metrics diff` shows what a change
+    did to quality, and ``dvc metrics diff --targets <results>/timings.json`` shows the timings (README)."""
+    write_json(Path(results) / TIMINGS, dict(timings))
 
 
 def read_json(path: str | Path) -> Any:

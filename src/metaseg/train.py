@@ -3,7 +3,9 @@
 Outputs: ``<out>`` (``models/train/<alg>.pt``: ``fast_adapt.init_to_dict`` of the best-by-meta-val weights plus
 ``config``, ``iteration``, ``val_miou``), ``<checkpoints>/last.pt`` (resume state, every ``checkpoint_every``
 iterations) and ``<checkpoints>/best.pt``, and DVCLive logs in ``<results>``: ``metrics.json`` (flat summary)
-and ``plots/metrics/*.tsv`` (loss, query_miou, lr, step_time_s every iteration; val_miou every ``val_every``).
+and ``plots/metrics/*.tsv`` (loss, query_miou, lr every iteration; val_miou every ``val_every``). Timings stay out
+of the DVCLive summary, which DVC reads as metrics: a completed run writes ``<results>/timings.json``
+(``train_time_s``, ``s_per_step``) and ``plots/metrics/step_time_s.tsv`` itself.
 A resumed run (same config) reproduces the uninterrupted run's weights exactly on CPU.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from metaseg.data.prepared import PreparedDataset
 from metaseg.data.sampler import EpisodeBatch, TrainSampler, episode_batch
 from metaseg.data.splits import load_episodes, load_splits
 from metaseg.evaluate import evaluate_inits, metrics_dict
-from metaseg.io import save_with
+from metaseg.io import TIMINGS, save_with, write_text, write_timings
 from metaseg.meta.algorithms import Algorithm, make_algorithm
 from metaseg.meta.fast_adapt import init_to_dict
 from metaseg.models.backbones import normalization
@@ -101,6 +103,12 @@ def _trim_logs(results: Path, step: int) -> None:
                 csv.writer(f, delimiter="\t").writerows(keep)
 
 
+def write_step_times(results: Path, step_times: list[float]) -> None:
+    """``plots/metrics/step_time_s.tsv`` in DVCLive's layout (step = iteration, 1-based), written atomically."""
+    rows = [f"{step}\t{dt!r}" for step, dt in enumerate(step_times, start=1) if math.isfinite(dt)]
+    write_text(results / "plots" / "metrics" / "step_time_s.tsv", "\n".join(["step\tstep_time_s", *rows]) + "\n")
+
+
 def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str | Path, checkpoints: str | Path,
           results: str | Path, base: BaseConfig, model_cfg: ModelConfig, cfg: TrainConfig, adapt_cfg: AdaptConfig,
           stop_after: int | None = None) -> dict[str, float] | None:
@@ -141,6 +149,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
 
     last, best_path = checkpoints / "last.pt", checkpoints / "best.pt"
     start, best, best_it, initial, elapsed = 0, -math.inf, -1, float("nan"), 0.0
+    step_times: list[float] = []  # seconds per iteration, index i = iteration i + 1
     if last.is_file():
         ck = torch.load(last, map_location="cpu", weights_only=False)
         if ck.get("complete"):
@@ -151,11 +160,13 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
             torch.set_rng_state(ck["torch_rng"])
             start, best, best_it, initial, elapsed = (ck["iteration"], ck["best"], ck["best_iteration"],
                                                       ck["initial_val_miou"], ck["train_time_s"])
+            step_times = list(ck.get("step_times", [math.nan] * start))
             log.info("resuming %s from %s at iteration %d", algorithm, last, start)
         else:
             log.warning("%s was written with another config; starting a fresh run", last)
     if start == 0:
         best_path.unlink(missing_ok=True)
+    (results / TIMINGS).unlink(missing_ok=True)  # written again when this run completes
     live = Live(dir=str(results), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
     if start > 0:
         _trim_logs(results, start)
@@ -199,7 +210,8 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
         dt = time.perf_counter() - t0
         elapsed += dt
         live.step = it + 1
-        for k, v in (("loss", m["loss"]), ("query_miou", m["miou"]), ("lr", lr), ("step_time_s", dt)):
+        step_times.append(dt)
+        for k, v in (("loss", m["loss"]), ("query_miou", m["miou"]), ("lr", lr)):
             live.log_metric(k, v)
         done = it + 1
         if done % cfg.val_every == 0 or done == cfg.iterations:
@@ -210,7 +222,8 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
             state = {"algorithm": algo.state_dict(), "sampler": sampler.state_dict(),
                      "torch_rng": torch.get_rng_state(),
                      "iteration": done, "config": config, "best": best, "best_iteration": best_it,
-                     "initial_val_miou": initial, "train_time_s": elapsed, "complete": done == cfg.iterations}
+                     "initial_val_miou": initial, "train_time_s": elapsed, "step_times": list(step_times),
+                     "complete": done == cfg.iterations}
             save_with(last, lambda p: torch.save(state, p))
             start = done
         if stop_after is not None and done >= stop_after and done < cfg.iterations:
@@ -229,10 +242,12 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
     save_with(out, lambda p: torch.save(final, p))
     steps_run = max(1, cfg.iterations)
     metrics = {"best_val_miou": float(best), "best_iteration": int(best_it), "final_val_miou": float(val),
-               "initial_val_miou": float(initial), "iterations": cfg.iterations, "train_time_s": round(elapsed, 3),
-               "s_per_step": round(elapsed / steps_run, 4)}
+               "initial_val_miou": float(initial), "iterations": cfg.iterations}
     live.summary.update(metrics)
     live.end()
+    timings = {"train_time_s": round(elapsed, 3), "s_per_step": round(elapsed / steps_run, 4)}
+    write_step_times(results, step_times)
+    write_timings(results, timings)
     log.info("%s: best val mIoU %.4f at iteration %d (initial %.4f), %.2f s/step", algorithm, best, best_it, initial,
-             metrics["s_per_step"])
+             timings["s_per_step"])
     return metrics

@@ -1,6 +1,6 @@
 """The prepare stage's work: choose the source, import or generate the domains, collect what was skipped, report.
 
-``run_prepare`` returns everything the stage writes (domains, skipped list, flat metrics); writing the prepared
+``run_prepare`` returns everything the stage writes (domains, skipped list, flat metrics, timings); writing the prepared
 folder atomically is the stage script's job (``metaseg.io.atomic_dir`` + ``metaseg.data.prepared.write_prepared``).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ class PrepareResult:
     domains: list[DomainData]
     skipped: list[dict[str, str]]  # {"file": path relative to prepare.root, "reason": ...}
     metrics: dict[str, float | int]  # flat scalars
+    timings: dict[str, float]  # import time and rate: timings.json, apart from the metrics
 
 
 def resolve_root(root: str | None, source: str, cwd: Path | None = None) -> Path:
@@ -65,7 +66,7 @@ def load_domains(base: BaseConfig, cfg: PrepareConfig, *, progress: bool = True,
 
 def run_prepare(base: BaseConfig, cfg: PrepareConfig, *, progress: bool = True,
                 cwd: Path | None = None) -> PrepareResult:
-    """Import or generate, then check that something usable is left; metrics are flat scalars."""
+    """Import or generate, then check that something usable is left; metrics and timings are flat scalars."""
     start = time.perf_counter()
     domains, skipped = load_domains(base, cfg, progress=progress, cwd=cwd)
     seconds = time.perf_counter() - start
@@ -80,14 +81,13 @@ def run_prepare(base: BaseConfig, cfg: PrepareConfig, *, progress: bool = True,
         "domains": len(domains),
         "images": images,
         "skipped": len(skipped),
-        "seconds": round(seconds, 3),
-        "images_per_s": round(images / max(seconds, 1e-9), 1),
     }
+    timings = {"seconds": round(seconds, 3), "images_per_s": round(images / max(seconds, 1e-9), 1)}
     for d in domains:
         metrics[f"domain.{d.name}.images"] = len(d.images)
         metrics[f"domain.{d.name}.classes"] = len(d.class_names)
     log.info("prepared %d domains, %d images (%s source) in %.1f s", len(domains), images, cfg.source, seconds)
-    return PrepareResult(domains, skipped, metrics)
+    return PrepareResult(domains, skipped, metrics, timings)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
