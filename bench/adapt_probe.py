@@ -4,7 +4,7 @@ python bench/adapt_probe.py --prepared DIR --episodes-file FILE --domain NAME [-
                             [--optimizer adam] [--lr 1e-3] [--body-lr 1e-4] [--steps 20]
                             [--layers all|decoder|head] [--bn-stats pretrained|support] [--body-stage N]
 
-Builds the init with ``fast_adapt.fresh_init`` (or loads a trained one, ``--init``) and scores it with the
+Builds the init with ``finetune.fresh_init`` (or loads a trained one, ``--init``) and scores it with the
 evaluate stage's own ``evaluate_inits`` on the first ``--n`` stored episodes of ``--domain`` per K, printing the
 accumulated foreground mIoU on the evaluate curve's step grid (0 / 1 / 2 / 3 / 5 / 10 / 15 / 20 / ...). ``--body-lr`` is ``adapt.body_lr`` (the
 backbone's own rate); ``--body-stage N`` is ``model.body_stage`` (the EfficientNet-Lite body ends at
@@ -25,7 +25,7 @@ from metaseg.data.prepared import PreparedDataset  # noqa: E402
 from metaseg.data.splits import load_episodes  # noqa: E402
 from metaseg.adapt import AdaptSettings  # noqa: E402
 from metaseg.evaluate import evaluate_inits  # noqa: E402
-from metaseg.meta import fast_adapt  # noqa: E402
+from metaseg.meta import finetune  # noqa: E402
 from metaseg.meta.inner import BN_STATS  # noqa: E402
 from metaseg.models.deeplab import INNER_PARAMS  # noqa: E402
 
@@ -59,11 +59,11 @@ def main() -> None:
         raise SystemExit(f"{args.episodes_file}: no episodes for domain '{args.domain}' "
                          f"(has: {', '.join(sorted(episodes))})")
     if args.init is not None:  # a trained init: its own architecture, BN mode and adapted layers
-        init = fast_adapt.load_init(args.init)
+        init = finetune.load_init(args.init)
         args.backbone, args.output_stride, args.body_stage = init.backbone, init.output_stride, init.body_stage
         args.bn_stats, args.layers = init.bn_stats, "head" if init.adapt_names else "all"
     else:
-        init = fast_adapt.fresh_init(
+        init = finetune.fresh_init(
             "imagenet", args.backbone, ds.image_size, inner_lr=args.lr, seed=0, backbone_weights="imagenet",
             loss={"aux_weight": args.aux_weight, "dice_weight": 0.0,
                   "class_balance": args.class_balance == "on", "inner_clip": 10.0},

@@ -6,7 +6,7 @@ python bench/evaluate.py [--size 128] [--episodes 4] [--steps 10] [--queries 2] 
 Inits are seeded random models (``--backbone``, the train loss defaults) in two adaptation modes that bracket
 the real algorithms: ``full`` (every parameter adapts: fomaml, maml, reptile, transfer, scratch; protonet/metasgd
 similar) and ``head`` (ANIL).
-Each row runs the real loop (episode assembly once, adaptation through fast_adapt, query prediction at every
+Each row runs the real loop (episode assembly once, adaptation through finetune, query prediction at every
 step for the curve). The last lines extrapolate to a full evaluate stage (domains x inits x K x episodes).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from metaseg.data.prepared import PreparedDataset, write_prepared  # noqa: E402
 from metaseg.data.splits import make_splits  # noqa: E402
 from metaseg.data.synthetic import generate_domain  # noqa: E402
 from metaseg.evaluate import evaluate_inits  # noqa: E402
-from metaseg.meta import fast_adapt  # noqa: E402
+from metaseg.meta import finetune  # noqa: E402
 from metaseg.models.backbones import BACKBONES  # noqa: E402
 from metaseg.models.deeplab import HEAD_NAMES  # noqa: E402
 
@@ -64,7 +64,7 @@ def run(root: Path, args: argparse.Namespace) -> None:
     t = TrainConfig()
     loss = {"aux_weight": t.aux_weight, "dice_weight": t.dice_weight, "class_balance": t.class_balance,
             "inner_clip": t.inner_clip}
-    base = fast_adapt.fresh_init("scratch", args.backbone, args.size, inner_lr=1e-4, seed=0, backbone_weights=None,
+    base = finetune.fresh_init("scratch", args.backbone, args.size, inner_lr=1e-4, seed=0, backbone_weights=None,
                                  loss=loss)
     inits = {"full": base, "head": dataclasses.replace(base, adapt_names=list(HEAD_NAMES), inner_lr=0.05)}
     print(f"evaluate loop, {args.backbone}, {args.size} px, steps {args.steps}, {args.queries} queries, "

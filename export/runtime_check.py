@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from metaseg.cli import InputError
 from metaseg.data.prepared import Domain, PreparedDataset
-from metaseg.evaluation import iou_of_labels
+from metaseg.scoring import iou_of_labels
 from metaseg.io import read_json
 from metaseg.models.adapted import load_adapted
 
@@ -116,7 +116,7 @@ class OrtRunner:
 
 def pool_miou(preds: list[torch.Tensor], y: torch.Tensor, num_classes: int) -> float:
     """mIoU in points of a test pool's predictions (batches in order), as every stage scores it:
-    ``metaseg.evaluation.iou_of_labels`` over the foreground classes (``num_classes`` counts background)."""
+    ``metaseg.scoring.iou_of_labels`` over the foreground classes (``num_classes`` counts background)."""
     return 100 * iou_of_labels(torch.cat(preds), y[: sum(len(p) for p in preds)], num_classes - 1)[0]
 
 

@@ -1,6 +1,6 @@
 """Stage `adapt`: adapt one trained init to one meta-test domain's deployment support set; ship and score it.
 
-python pipeline/adapt.py --params params.yaml --init models/train/<alg>.pt --domain <d> --prepared data/prepared \
+python -m pipeline.adapt --params params.yaml --init models/train/<alg>.pt --domain <d> --prepared data/prepared \
     --splits data/splits --out models/adapted/<d>/<alg>.pt --results results/adapt/<d>/<alg>
 (``--init scratch`` adapts a seeded random init instead.)
 """
@@ -18,7 +18,7 @@ from metaseg.config import load_config
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_deploy, load_splits
 from metaseg.io import write_json, write_timings
-from metaseg.meta.fast_adapt import load_init
+from metaseg.meta.finetune import load_init
 
 log = logging.getLogger("adapt")
 

@@ -1,6 +1,6 @@
 """Stage `check`: every exported ONNX model vs its PyTorch adapted model on the domain's test pool.
 
-    python pipeline/check.py --params params.yaml --onnx models/onnx --adapted models/adapted --prepared data/prepared \
+    python -m pipeline.check --params params.yaml --onnx models/onnx --adapted models/adapted --prepared data/prepared \
         --splits data/splits --results results/check
 
 Prints a table, writes results/check/metrics.json (passed = 0/1 per model and overall), results/check/timings.json
@@ -13,13 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from export.runtime_check import (CheckFailed, enforce, flat_metrics, flat_timings, format_table,  # noqa: E402
+from export.runtime_check import (CheckFailed, enforce, flat_metrics, flat_timings, format_table,
                                   run_checks, verified)
-from metaseg.cli import run_stage, stage_parser  # noqa: E402
-from metaseg.config import load_config  # noqa: E402
-from metaseg.io import write_json, write_timings  # noqa: E402
+from metaseg.cli import run_stage, stage_parser
+from metaseg.config import load_config
+from metaseg.io import write_json, write_timings
 
 
 def main(args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """Stage `evaluate`: every init on every stored meta-test episode, adaptation curves, 95% CIs, report and plots.
 
-python pipeline/evaluate.py --params params.yaml --models models/train --prepared data/prepared \
+python -m pipeline.evaluate --params params.yaml --models models/train --prepared data/prepared \
     --splits data/splits --results results/evaluate
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from metaseg.config import load_config
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_episodes, load_splits
 from metaseg.evaluate import evaluate_inits, load_inits
-from metaseg.evaluate_report import write_outputs
+from metaseg.report import write_outputs
 
 log = logging.getLogger("evaluate")
 

@@ -1,6 +1,6 @@
 """Stage `export`: one adapted model -> models/onnx/<domain>/<algorithm>/model.{fp32,fp16,int8}.onnx + card.json.
 
-    python pipeline/export.py --params params.yaml --adapted models/adapted/<d>/<a>.pt --prepared data/prepared \
+    python -m pipeline.export --params params.yaml --adapted models/adapted/<d>/<a>.pt --prepared data/prepared \
         --out models/onnx/<d>/<a> --results results/export/<d>/<a> [--evaluate-metrics results/evaluate/metrics.json]
 """
 from __future__ import annotations
@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 # This script is itself named "export": put the repo root first so `export` is the package, not this file.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from export.onnx_export import ExportError, export_adapted, int8_reduce_range  # noqa: E402
-from metaseg.cli import InputError, run_stage, stage_parser  # noqa: E402
-from metaseg.config import load_config  # noqa: E402
-from metaseg.data.splits import load_splits  # noqa: E402
-from metaseg.io import write_json, write_timings  # noqa: E402
+from export.onnx_export import ExportError, export_adapted, int8_reduce_range
+from metaseg.cli import InputError, run_stage, stage_parser
+from metaseg.config import load_config
+from metaseg.data.splits import load_splits
+from metaseg.io import write_json, write_timings
 
 SECTIONS = ("export",)  # the params this stage reads (hashed into the ONNX metadata)
 

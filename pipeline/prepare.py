@@ -1,6 +1,6 @@
 """Stage `prepare`: build the canonical multi-domain dataset (synthetic, folder, VOC or FSS-1000 source).
 
-python pipeline/prepare.py --params params.yaml --out data/prepared --results results/prepare
+python -m pipeline.prepare --params params.yaml --out data/prepared --results results/prepare
 """
 from __future__ import annotations
 

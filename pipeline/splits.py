@@ -1,6 +1,6 @@
 """Stage `splits`: domain roles, support/test pools, stored evaluation episodes and deployment support sets.
 
-python pipeline/splits.py --params params.yaml --prepared data/prepared --out data/splits --results results/splits
+python -m pipeline.splits --params params.yaml --prepared data/prepared --out data/splits --results results/splits
 """
 from __future__ import annotations
 

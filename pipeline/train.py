@@ -1,6 +1,6 @@
 """Stage `train`: meta-train one algorithm on the meta-train domains, keep the best init by meta-validation.
 
-python pipeline/train.py --params params.yaml --algorithm fomaml --prepared data/prepared --splits data/splits \
+python -m pipeline.train --params params.yaml --algorithm fomaml --prepared data/prepared --splits data/splits \
     --out models/train/fomaml.pt --checkpoints models/checkpoints/fomaml --results results/train/fomaml
 
 Resumes from <checkpoints>/last.pt when its config matches. METASEG_STOP_AFTER=N stops after iteration N

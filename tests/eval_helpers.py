@@ -1,6 +1,6 @@
 """A tiny workspace for the adapt / evaluate stage tests: synthetic 64 px domains, stored splits, two 'trained' inits.
 
-The inits are seeded random models saved in the trained-init format (``fast_adapt.init_to_dict``) under algorithm
+The inits are seeded random models saved in the trained-init format (``finetune.init_to_dict``) under algorithm
 names, so the stages run without a meta-training run.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from metaseg.config import SplitsConfig
 from metaseg.data.prepared import PreparedDataset, write_prepared
 from metaseg.data.splits import make_splits, write_splits
 from metaseg.data.synthetic import generate_domain
-from metaseg.meta import fast_adapt
+from metaseg.meta import finetune
 from metaseg.models.deeplab import HEAD_NAMES
 
 
@@ -54,9 +54,9 @@ def make_workspace(root: Path, **sections: dict[str, object]) -> Path:
     write_splits(root / "data/splits", make_splits(dataset, SplitsConfig(**p["splits"]), seed=SEED))
     (root / "models/train").mkdir(parents=True)
     for i, alg in enumerate(ALGORITHMS):
-        init = fast_adapt.fresh_init("scratch", BACKBONE, SIZE, inner_lr=0.05, seed=100 + i, backbone_weights=None,
+        init = finetune.fresh_init("scratch", BACKBONE, SIZE, inner_lr=0.05, seed=100 + i, backbone_weights=None,
                                      loss=LOSS)
         init = dataclasses.replace(init, algorithm=alg, adapt_names=list(HEAD_NAMES))  # ANIL-like: stable at 0.05
         # as the train stage writes it: the weights plus the meta-val score they were chosen on
-        torch.save({**fast_adapt.init_to_dict(init), "val_miou": 12.5}, root / f"models/train/{alg}.pt")
+        torch.save({**finetune.init_to_dict(init), "val_miou": 12.5}, root / f"models/train/{alg}.pt")
     return root

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 BACKBONE = "mobilenet_v3_large"
 LITE = "efficientnet_lite0"
 SIZE = 64
-# fast_adapt.fresh_init's loss settings: the TrainConfig defaults (what the old scratch_init defaulted to)
+# finetune.fresh_init's loss settings: the TrainConfig defaults (what the old scratch_init defaulted to)
 LOSS = {"aux_weight": 0.4, "dice_weight": 0.0, "class_balance": True, "inner_clip": 10.0}
 
 

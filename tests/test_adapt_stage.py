@@ -16,7 +16,7 @@ from metaseg.config import ConfigError, ModelConfig, TrainConfig
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_deploy, load_splits
 from metaseg.io import read_json
-from metaseg.meta import fast_adapt
+from metaseg.meta import finetune
 from metaseg.models.adapted import load_adapted
 from metaseg.models.backbones import lite_imagenet_state_dict, normalization
 
@@ -64,7 +64,7 @@ def test_adapt_time_goes_to_timings_not_metrics(ws: Path) -> None:
 
 def test_same_seed_gives_identical_adapted_weights(ws: Path, tmp_path: Path) -> None:
     ds, deploy, test = _inputs(ws)
-    init = fast_adapt.load_init(ws / "models/train/fomaml.pt")
+    init = finetune.load_init(ws / "models/train/fomaml.pt")
     adapt_deployment(ds.domain(DOMAIN), deploy, test, init, tmp_path / "again.pt", settings=AdaptSettings(steps=2),
                      seed=SEED, device=torch.device("cpu"))
     a = torch.load(ws / f"models/adapted/{DOMAIN}/fomaml.pt", weights_only=True)["state_dict"]

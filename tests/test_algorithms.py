@@ -8,10 +8,10 @@ import torch
 from meta_helpers import BACKBONE, SIZE, TinyNet, task
 
 from metaseg.meta.algorithms import ALGORITHMS, make_algorithm
-from metaseg.meta.fast_adapt import adapt
+from metaseg.meta.finetune import adapt
 from metaseg.meta.inner import forward, inner_loop, seg_loss, split_state, task_buffers
 from metaseg.models.deeplab import build_model
-from metaseg.models.heads import expand_head
+from metaseg.meta.heads import expand_head
 
 
 def _task(n_support: int = 1, n_query: int = 1, seed: int = 0, size: int = SIZE, dtype=torch.float32):

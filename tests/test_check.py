@@ -16,7 +16,7 @@ import yaml
 
 from export.onnx_export import classifier_node
 from export.runtime_check import CheckFailed, OrtRunner, enforce, format_table, pool_miou, run_checks
-from metaseg.evaluation import iou_of_labels
+from metaseg.scoring import iou_of_labels
 from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, adapted_root, bundle, check_config
 from tests.timing_helpers import assert_apart, read_apart
 
@@ -83,7 +83,7 @@ def test_perturbed_model_fails_the_stage(tmp_path: Path) -> None:
     shutil.copy(b.onnx_dir / "model.fp16.onnx", onnx_root / DOMAIN / ALGORITHM / "model.fp16.onnx")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"check": check_config().model_dump()}))
     shutil.copy(b.splits, tmp_path / "splits.json")
-    cmd = [sys.executable, str(REPO / "pipeline" / "check.py"), "--params", str(tmp_path / "params.yaml"),
+    cmd = [sys.executable, "-m", "pipeline.check", "--params", str(tmp_path / "params.yaml"),
            "--onnx", str(onnx_root), "--adapted", str(adapted_root(b)), "--prepared", str(b.prepared),
            "--splits", str(tmp_path), "--results", str(tmp_path / "results")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -23,7 +23,7 @@ from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_episodes, load_splits
 from metaseg.evaluate import EvalResult, evaluate_inits, load_inits, shared_norm
 from metaseg.io import read_json
-from metaseg.meta import fast_adapt
+from metaseg.meta import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -83,7 +83,7 @@ def test_report_table_and_plot_files(ws: Path) -> None:
 
 
 def _run(ws: Path, episodes: dict) -> EvalResult:
-    init = fast_adapt.load_init(ws / "models/train/fomaml.pt")
+    init = finetune.load_init(ws / "models/train/fomaml.pt")
     return evaluate_inits(PreparedDataset(ws / "data/prepared"), episodes, {"fomaml": init}, domains=["xray"],
                           shots=[1], settings=AdaptSettings(steps=1), device=torch.device("cpu"), seed=SEED,
                           progress=False)
@@ -108,8 +108,8 @@ def test_worker_processes_give_the_one_process_numbers(ws: Path) -> None:
     """evaluate.workers spreads (domain, K) units over spawned processes: same scores, same order, same overlays."""
     episodes = load_episodes(ws / "data/splits/episodes.json")
     episodes = {d: {k: eps[:2] for k, eps in per_k.items()} for d, per_k in episodes.items()}
-    inits = {"fomaml": fast_adapt.load_init(ws / "models/train/fomaml.pt"),
-             "transfer": fast_adapt.load_init(ws / "models/train/transfer.pt")}
+    inits = {"fomaml": finetune.load_init(ws / "models/train/fomaml.pt"),
+             "transfer": finetune.load_init(ws / "models/train/transfer.pt")}
     torch.set_num_threads(1)
     kw = dict(domains=TEST_DOMAINS, shots=SHOTS, settings=AdaptSettings(steps=1), device=torch.device("cpu"),
               seed=SEED, progress=False, overlay_images=1)
@@ -131,7 +131,7 @@ def test_a_failing_worker_is_an_error_not_a_hang(ws: Path) -> None:
     bad = {d: {k: eps[:1] for k, eps in per_k.items()} for d, per_k in episodes.items()}
     first = bad[TEST_DOMAINS[0]][SHOTS[0]][0]
     bad[TEST_DOMAINS[0]][SHOTS[0]] = [dataclasses.replace(first, query=(10 ** 6,))]  # no such image
-    init = {"fomaml": fast_adapt.load_init(ws / "models/train/fomaml.pt")}
+    init = {"fomaml": finetune.load_init(ws / "models/train/fomaml.pt")}
     with pytest.raises(RuntimeError, match="evaluate worker failed"):
         evaluate_inits(PreparedDataset(ws / "data/prepared"), bad, init, domains=TEST_DOMAINS, shots=SHOTS,
                        settings=AdaptSettings(steps=1), device=torch.device("cpu"), seed=SEED, progress=False,
@@ -150,7 +150,7 @@ def test_inits_must_match_the_model_backbone_and_normalisation(ws: Path) -> None
         load_inits(ws / "models/train", ["fomaml"], [], torch.device("cpu"), model=lite, **kw)
     with pytest.raises(ConfigError, match="imagenet init needs model.backbone_weights"):
         load_inits(ws / "models/train", ["fomaml"], ["imagenet"], torch.device("cpu"), model=tiny, **kw)
-    other = fast_adapt.fresh_init("scratch", "efficientnet_lite0", 64, inner_lr=1e-4, seed=0, backbone_weights=None,
+    other = finetune.fresh_init("scratch", "efficientnet_lite0", 64, inner_lr=1e-4, seed=0, backbone_weights=None,
                                   loss=LOSS)
     with pytest.raises(InputError, match="input normalisation"):
         shared_norm({"fomaml": inits["fomaml"], "lite": other})
@@ -169,9 +169,9 @@ def test_evaluate_scores_full_network_metasgd_and_protonet_inits(ws: Path, tmp_p
         torch.manual_seed(200 + i)
         algo = make_algorithm(name, build_model("mobilenet_v3_large"), inner_steps=1, inner_lr=0.01, outer_lr=1e-3,
                               bn_stats="support")
-        torch.save({**fast_adapt.init_to_dict(algo.export_init(backbone="mobilenet_v3_large", image_size=64)),
+        torch.save({**finetune.init_to_dict(algo.export_init(backbone="mobilenet_v3_large", image_size=64)),
                     "val_miou": 1.0}, tmp_path / f"{name}.pt")
-        inits[name] = fast_adapt.load_init(tmp_path / f"{name}.pt")
+        inits[name] = finetune.load_init(tmp_path / f"{name}.pt")
     assert inits["fomaml"].adapt_names is None and inits["metasgd"].inner_lrs
     assert inits["protonet"].head == "prototype" and inits["protonet"].proto_scale is not None
     frozen = dataclasses.replace(inits["metasgd"], algorithm="metasgd_zero",

@@ -5,7 +5,7 @@ from meta_helpers import BACKBONE, task
 
 from metaseg.meta.inner import split_state, task_buffers
 from metaseg.models.deeplab import build_model
-from metaseg.models.heads import (bake_prototypes, cosine_logits, deeplab_features, expand_head, masked_average,
+from metaseg.meta.heads import (bake_prototypes, cosine_logits, deeplab_features, expand_head, masked_average,
                                   mean_feature_norm)
 
 

@@ -6,7 +6,7 @@ from meta_helpers import BACKBONE, TinyNet, task
 
 from metaseg.meta.inner import forward, inner_loop, seg_loss, split_state, support_forward, task_buffers
 from metaseg.models.deeplab import build_model
-from metaseg.models.heads import expand_head
+from metaseg.meta.heads import expand_head
 
 
 def _loss(out, y):

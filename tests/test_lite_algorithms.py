@@ -14,7 +14,7 @@ import torch
 from meta_helpers import LITE, SIZE, task
 
 from metaseg.meta.algorithms import make_algorithm
-from metaseg.meta.fast_adapt import adapt
+from metaseg.meta.finetune import adapt
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import build_model
 

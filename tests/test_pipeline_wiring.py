@@ -34,7 +34,7 @@ def test_one_name_per_stage() -> None:
     for name in DVC:
         assert (ROOT / "pipeline" / f"{name}.py").is_file(), name
         assert name in SECTIONS, name
-        assert f"pipeline/{name}.py" in _stage(name)["cmd"]
+        assert f"python -m pipeline.{name} " in _stage(name)["cmd"]
 
 
 def test_train_stages_rerun_on_their_keys_only() -> None:

@@ -138,7 +138,7 @@ def test_query_labels_never_reach_adaptation(tmp_path) -> None:
     from metaseg.adapt import AdaptSettings
     from metaseg.data.prepared import PreparedDataset
     from metaseg.evaluate import evaluate_inits
-    from metaseg.meta.fast_adapt import fresh_init
+    from metaseg.meta.finetune import fresh_init
     from meta_helpers import LOSS
 
     prepared, splits = make_fixture(tmp_path)

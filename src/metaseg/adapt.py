@@ -2,7 +2,7 @@
 
 The deployment support set (``deploy.json``) covers every class of the domain, so the adapted model predicts all of
 them (labels = the domain's own class ids 1..C). Adaptation goes through the ONE inner loop
-(``metaseg.meta.fast_adapt.adapt``) with the `adapt` params; its randomness (support mini-batches, augmentation)
+(``metaseg.meta.finetune.adapt``) with the `adapt` params; its randomness (support mini-batches, augmentation)
 comes from a generator seeded by (seed, domain) only, so every init of a domain sees the same draws and a rerun
 gives identical weights. The adapted model is written with ``save_adapted`` and then *reloaded from the file* to
 score the domain's test pool: the metrics describe the artefact that ships, not the in-memory model.
@@ -26,8 +26,8 @@ from metaseg.data.augment import build_augment
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import Domain
 from metaseg.data.sampler import Norm, episode_batch, normalise
-from metaseg.evaluation import DomainScorer
-from metaseg.meta import fast_adapt
+from metaseg.scoring import DomainScorer
+from metaseg.meta import finetune
 from metaseg.models.adapted import load_adapted, save_adapted
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class AdaptSettings:
                    batch_size=cfg.batch_size, body_lr=cfg.body_lr)
 
 
-def support_augment(image_size: int, generator: torch.Generator, norm: Norm) -> fast_adapt.Augment:
+def support_augment(image_size: int, generator: torch.Generator, norm: Norm) -> finetune.Augment:
     """Joint augmentation on normalised support tensors (albumentations underneath), seeded from ``generator``."""
     aug = build_augment(image_size)
     mean = torch.tensor(norm[0]).view(1, 3, 1, 1)
@@ -75,20 +75,20 @@ def support_augment(image_size: int, generator: torch.Generator, norm: Norm) -> 
     return apply
 
 
-def run_adapt(init: fast_adapt.TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: int, *,
+def run_adapt(init: finetune.TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: int, *,
               settings: AdaptSettings, seed: int, image_size: int,
-              on_step: Callable[[int, fast_adapt.AdaptedModel], None] | None = None,
-              on_step_at: Collection[int] | None = None) -> fast_adapt.AdaptedModel:
-    """``fast_adapt.adapt`` with the `adapt` settings and a fresh CPU generator seeded with ``seed``."""
+              on_step: Callable[[int, finetune.AdaptedModel], None] | None = None,
+              on_step_at: Collection[int] | None = None) -> finetune.AdaptedModel:
+    """``finetune.adapt`` with the `adapt` settings and a fresh CPU generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     augment = support_augment(image_size, generator, init.norm) if settings.augment else None
-    return fast_adapt.adapt(init, support_x, support_y, num_classes, steps=settings.steps, lr=settings.lr,
+    return finetune.adapt(init, support_x, support_y, num_classes, steps=settings.steps, lr=settings.lr,
                             body_lr=settings.body_lr, optimizer=settings.optimizer, augment=augment,
                             batch_size=settings.batch_size, on_step=on_step, on_step_at=on_step_at, generator=generator)
 
 
 def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_size: int, scratch_lr: float,
-                  seed: int) -> fast_adapt.TrainedInit:
+                  seed: int) -> finetune.TrainedInit:
     """An init that never saw a meta-train domain, adapted like the trained ones (same loss settings, same
     ``train.inner_params``): ``scratch`` = random weights at ``adapt.scratch_lr``; ``imagenet`` = the pre-trained
     body with a fresh decoder at ``train.inner_lr`` (the "does training on the source domains add anything" baseline).
@@ -100,7 +100,7 @@ def baseline_init(name: str, *, model: ModelConfig, train: TrainConfig, image_si
         raise ConfigError("'evaluate.inits': the imagenet init needs model.backbone_weights (it is null)")
     loss = {"aux_weight": train.aux_weight, "dice_weight": train.dice_weight, "class_balance": train.class_balance,
             "inner_clip": train.inner_clip}
-    return fast_adapt.fresh_init(name, model.backbone, image_size, seed=seed, loss=loss, aux_loss=model.aux_loss,
+    return finetune.fresh_init(name, model.backbone, image_size, seed=seed, loss=loss, aux_loss=model.aux_loss,
                                  inner_lr=scratch_lr if name == SCRATCH else train.inner_lr,
                                  backbone_weights=None if name == SCRATCH else model.backbone_weights,
                                  output_stride=model.output_stride, body_stage=model.body_stage,
@@ -113,7 +113,7 @@ def deploy_seed(seed: int, domain: str) -> int:
     return int(ss.generate_state(1)[0])
 
 
-def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init: fast_adapt.TrainedInit, out: Path,
+def adapt_deployment(domain: Domain, deploy: Episode, test_pool: list[int], init: finetune.TrainedInit, out: Path,
                      *, settings: AdaptSettings, seed: int,
                      device: torch.device) -> tuple[dict[str, float | int], dict[str, float]]:
     """Adapt on the deployment set, write ``out`` (save_adapted), reload it and score the test pool (percent).

@@ -2,13 +2,13 @@
 
 For each meta-test domain and K, each stored episode (``episodes.json``, never redrawn here) is assembled once and
 shared by every init. Each init adapts on the episode's support with the ONE inner loop
-(``metaseg.meta.fast_adapt.adapt``); its ``on_step`` hook predicts the query after 0, 1, 2, 3, 5, 10, ..., steps
+(``metaseg.meta.finetune.adapt``); its ``on_step`` hook predicts the query after 0, 1, 2, 3, 5, 10, ..., steps
 steps (``curve_steps``), so one run gives the "mIoU vs adaptation steps" curve (step 0 = the init without
 adaptation, reported as init ``<init>_noadapt``). Randomness inside an adaptation (mini-batches, augmentation)
 comes from a generator seeded by (seed, domain, K, episode index) only, so an episode gets the same randomness
 for every init and every run.
 
-Scores are in percent (0-100): mIoU and FB-IoU accumulated over the episodes (``metaseg.evaluation``), and the
+Scores are in percent (0-100): mIoU and FB-IoU accumulated over the episodes (``metaseg.scoring``), and the
 per-episode mean with its 95% CI half-width.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from metaseg.config import ModelConfig, TrainConfig
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.sampler import episode_batch
-from metaseg.evaluation import DomainScorer, Scores
-from metaseg.meta import fast_adapt
+from metaseg.scoring import DomainScorer, Scores
+from metaseg.meta import finetune
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class _UnitResult:
     init_time: dict[str, float]
 
 
-def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dict[str, fast_adapt.TrainedInit],
+def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dict[str, finetune.TrainedInit],
                    unit: Unit, *, settings: AdaptSettings, device: torch.device, seed: int, overlay_images: int,
                    overlay_shot: int, tick: Callable[[], None], curve: bool = True) -> _UnitResult:
     """Every init on every stored episode of one (domain, K); ``tick()`` after each episode."""
@@ -141,7 +141,7 @@ def _evaluate_unit(dataset: PreparedDataset, episodes: list[Episode], inits: dic
             t0 = time.perf_counter()
             curve = out.scorers[name]
 
-            def on_step(step: int, model: fast_adapt.AdaptedModel, curve: list[DomainScorer] = curve,
+            def on_step(step: int, model: finetune.AdaptedModel, curve: list[DomainScorer] = curve,
                         name: str = name) -> None:
                 with torch.no_grad():
                     logits = model.predict_logits(batch.query_x)
@@ -179,7 +179,7 @@ def _worker(queue: Any, root: str, work: list[tuple[Unit, list[Episode]]], inits
 
 
 def _run_parallel(dataset: PreparedDataset, work: list[tuple[Unit, list[Episode]]],
-                  inits: dict[str, fast_adapt.TrainedInit], kwargs: dict[str, Any], workers: int,
+                  inits: dict[str, finetune.TrainedInit], kwargs: dict[str, Any], workers: int,
                   tick: Callable[[], None]) -> list[_UnitResult]:
     """Spread the units over ``workers`` spawned processes (largest K first, round-robin), each with
     cores / workers threads. Small CPU batches use two threads poorly, so two 1-thread workers do more per second."""
@@ -222,7 +222,7 @@ def _run_parallel(dataset: PreparedDataset, work: list[tuple[Unit, list[Episode]
 
 
 def evaluate_inits(dataset: PreparedDataset, episodes: dict[str, dict[int, list[Episode]]],
-                   inits: dict[str, fast_adapt.TrainedInit], *, domains: list[str], shots: list[int],
+                   inits: dict[str, finetune.TrainedInit], *, domains: list[str], shots: list[int],
                    settings: AdaptSettings, device: torch.device, seed: int, ci: str = "t",
                    bootstrap_samples: int = 1000, overlay_images: int = 0, progress: bool = True,
                    workers: int = 1, curve: bool = True) -> EvalResult:
@@ -317,7 +317,7 @@ def timings_dict(result: EvalResult) -> dict[str, float]:
     return {f"speed.{k}": round(v, 4) for k, v in result.speed.items() if np.isfinite(v)}
 
 
-def shared_norm(inits: dict[str, fast_adapt.TrainedInit]) -> tuple[list[float], list[float]]:
+def shared_norm(inits: dict[str, finetune.TrainedInit]) -> tuple[list[float], list[float]]:
     """The one input normalisation every init expects (an episode is assembled once for all of them)."""
     norms = {name: init.norm for name, init in inits.items()}
     first = next(iter(norms.values()))
@@ -329,11 +329,11 @@ def shared_norm(inits: dict[str, fast_adapt.TrainedInit]) -> tuple[list[float], 
 
 
 def load_inits(models: Path, algorithms: list[str], extra: list[str], device: torch.device, *, model: ModelConfig,
-               train: TrainConfig, image_size: int, scratch_lr: float, seed: int) -> dict[str, fast_adapt.TrainedInit]:
+               train: TrainConfig, image_size: int, scratch_lr: float, seed: int) -> dict[str, finetune.TrainedInit]:
     """Each trained algorithm from ``models/<alg>.pt``, then the baselines named in ``extra`` (scratch, imagenet)."""
-    inits: dict[str, fast_adapt.TrainedInit] = {}
+    inits: dict[str, finetune.TrainedInit] = {}
     for alg in algorithms:
-        inits[alg] = fast_adapt.load_init(models / f"{alg}.pt", device)
+        inits[alg] = finetune.load_init(models / f"{alg}.pt", device)
         if inits[alg].backbone != model.backbone:
             raise InputError(f"{models / f'{alg}.pt'}: trained with backbone {inits[alg].backbone}, but "
                              f"model.backbone is {model.backbone} (rerun the train stage)")

@@ -1,6 +1,6 @@
 """Stage `train`: meta-train one algorithm (or the transfer baseline) and write its trained init.
 
-Outputs: ``<out>`` (``models/train/<alg>.pt``: ``fast_adapt.init_to_dict`` of the best-by-meta-val weights plus
+Outputs: ``<out>`` (``models/train/<alg>.pt``: ``finetune.init_to_dict`` of the best-by-meta-val weights plus
 ``config``, ``iteration``, ``val_miou``), ``<checkpoints>/last.pt`` (resume state, every ``checkpoint_every``
 iterations) and ``<checkpoints>/best.pt``, and DVCLive logs in ``<results>``: ``metrics.json`` (flat summary)
 and ``plots/metrics/*.tsv`` (loss, query_miou, lr every iteration; val_miou every ``val_every``). Timings stay out
@@ -31,7 +31,7 @@ from metaseg.data.splits import load_episodes, load_splits
 from metaseg.evaluate import evaluate_inits, metrics_dict
 from metaseg.io import TIMINGS, save_with, write_text, write_timings
 from metaseg.meta.algorithms import Algorithm, make_algorithm
-from metaseg.meta.fast_adapt import init_to_dict
+from metaseg.meta.finetune import init_to_dict
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import build_model
 

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from metaseg.config import ALGORITHMS  # the one list of algorithm names (re-exported)
-from metaseg.evaluation import iou_of_labels
-from metaseg.meta.fast_adapt import TrainedInit
+from metaseg.scoring import iou_of_labels
+from metaseg.meta.finetune import TrainedInit
 from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, support_stat_layer, task_buffers
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import HEAD_NAMES, inner_param_names
-from metaseg.models.heads import HeadOnly, deeplab_features, expand_head, expand_rows, proto_head
+from metaseg.meta.heads import HeadOnly, deeplab_features, expand_head, expand_rows, proto_head
 
 
 def train_mode(model: nn.Module, bn_stats: str) -> None:
@@ -40,7 +40,7 @@ def train_mode(model: nn.Module, bn_stats: str) -> None:
 
 
 def foreground_miou(logits: Tensor, y: Tensor, num_classes: int) -> float:
-    """The evaluation mIoU (``metaseg.evaluation.iou_of_labels``) of one batch's argmax: classes 1..C with a
+    """The evaluation mIoU (``metaseg.scoring.iou_of_labels``) of one batch's argmax: classes 1..C with a
     non-empty union, pixels summed over the batch (255 ignored); NaN when no class occurs."""
     return iou_of_labels(logits.argmax(1), y, num_classes)[0]
 

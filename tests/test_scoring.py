@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metaseg.evaluation import ConfusionMatrix, DomainScorer, iou_of_labels, mean_ci
+from metaseg.scoring import ConfusionMatrix, DomainScorer, iou_of_labels, mean_ci
 
 
 def t(rows: list[list[int]]) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""evaluate_report.claim_check: the verdict and its numbers come from one paired statistic; the best meta-learning
+"""report.claim_check: the verdict and its numbers come from one paired statistic; the best meta-learning
 algorithm is the one meta-val chose, never the one that happens to score best on the test episodes."""
 from __future__ import annotations
 
 import numpy as np
 
 from metaseg.evaluate import EvalResult
-from metaseg.evaluate_report import claim_check
-from metaseg.evaluation import Interval, Scores
+from metaseg.report import claim_check
+from metaseg.scoring import Interval, Scores
 
 DOMAIN = "xray"
 

@@ -20,7 +20,7 @@ import numpy as np
 from metaseg.adapt import IMAGENET_INIT
 from metaseg.data.prepared import IGNORE
 from metaseg.evaluate import NOADAPT, EvalResult, Overlay
-from metaseg.evaluation import Interval, mean_ci
+from metaseg.scoring import Interval, mean_ci
 from metaseg.io import atomic_path, write_text
 
 log = logging.getLogger(__name__)

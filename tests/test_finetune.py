@@ -4,7 +4,7 @@ import pytest
 import torch
 from meta_helpers import BACKBONE, LOSS, SIZE, task
 
-from metaseg.meta.fast_adapt import TrainedInit, adapt, fresh_init, init_to_dict, load_init
+from metaseg.meta.finetune import TrainedInit, adapt, fresh_init, init_to_dict, load_init
 from metaseg.meta.inner import forward
 from metaseg.models.adapted import plain_deeplab
 from metaseg.models.deeplab import head_names

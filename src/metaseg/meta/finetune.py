@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from metaseg.meta.inner import Params, forward, inner_loop, seg_loss, task_buffers
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import BODY_PREFIX, HEAD_NAMES, build_model, inner_param_names
-from metaseg.models.heads import HeadOnly, baked_head_params, deeplab_features, expand_head, expand_rows
+from metaseg.meta.heads import HeadOnly, baked_head_params, deeplab_features, expand_head, expand_rows
 
 log = logging.getLogger(__name__)
 
