@@ -28,26 +28,12 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-REQUIRED_METADATA = ("class_names", "mean", "std", "image_size", "resize")
+REQUIRED_METADATA = ("class_names", "mean", "std", "image_size", "resize", "palette")
 RESIZE_MODES = ("pad", "stretch", "crop")
 
 
 class InferError(Exception):
     """A one-line, user-facing problem (exit code 2)."""
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """Fixed colour per class index (the PASCAL VOC colour map: 0 = black background), uint8 [num_classes, 3]."""
-    colours = np.zeros((max(num_classes, 1), 3), dtype=np.uint8)
-    for i in range(len(colours)):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colours[i] = (r, g, b)
-    return colours
 
 
 def preprocess(rgb: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
@@ -69,8 +55,13 @@ def read_metadata(session: ort.InferenceSession, model: Path) -> dict[str, objec
     if missing:
         raise InferError(f"{model}: metadata_props lack {', '.join(missing)} "
                          "(not a metaseg export; re-run the export stage)")
-    return {"class_names": json.loads(props["class_names"]), "mean": json.loads(props["mean"]),
-            "std": json.loads(props["std"]), "image_size": int(props["image_size"]), "resize": props["resize"]}
+    meta = {"class_names": json.loads(props["class_names"]), "mean": json.loads(props["mean"]),
+            "std": json.loads(props["std"]), "image_size": int(props["image_size"]), "resize": props["resize"],
+            "palette": np.asarray(json.loads(props["palette"]), dtype=np.uint8).reshape(-1, 3)}
+    if len(meta["palette"]) < len(meta["class_names"]):
+        raise InferError(f"{model}: metadata palette has {len(meta['palette'])} colours for "
+                         f"{len(meta['class_names'])} classes (re-run the export stage)")
+    return meta
 
 
 def open_session(model: Path, providers: str) -> ort.InferenceSession:
@@ -153,7 +144,7 @@ def run(model: Path, input_path: Path, out: Path, *, overlay: bool = False, prov
     session = open_session(model, providers)
     meta = read_metadata(session, model)
     images = list_images(input_path)
-    colours = palette(len(meta["class_names"]))  # type: ignore[arg-type]
+    colours = meta["palette"]  # the class colours of the evaluate report (metaseg.overlay.palette)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:

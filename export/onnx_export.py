@@ -32,6 +32,7 @@ from metaseg.data.prepared import PreparedDataset
 from metaseg.models.deeplab import HEAD_NAMES
 from metaseg.io import atomic_dir, read_json, write_bytes, write_json
 from metaseg.models.adapted import load_adapted
+from metaseg.overlay import palette
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def build_metadata(meta: Mapping[str, Any], *, precision: str, params_sha256: st
         "mean": json.dumps([float(v) for v in meta["mean"]]), "std": json.dumps([float(v) for v in meta["std"]]),
         "image_size": str(int(meta["image_size"])),
         "resize": resize,  # prepare.resize: how training images reached image_size (infer.py does the same)
+        # the report's class colours (metaseg.overlay.palette), so the device's masks use the same ones
+        "palette": json.dumps(palette(len(meta["class_names"])).tolist()),
         "domain": str(meta.get("domain", "unknown")), "algorithm": str(meta.get("algorithm", "unknown")),
         "shots": str(meta.get("shots", "unknown")), "precision": precision,
         "params_sha256": params_sha256, "git_commit": commit,

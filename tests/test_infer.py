@@ -13,7 +13,8 @@ from PIL import Image
 from metaseg.config import CheckConfig
 
 from export import infer
-from tests.onnx_helpers import RESIZE, SIZE, bundle, toy_images
+from metaseg.overlay import palette
+from tests.onnx_helpers import CLASS_NAMES, RESIZE, SIZE, bundle, toy_images
 
 REPO = Path(__file__).resolve().parents[1]
 # Any attempt to import torch or metaseg inside the child process raises ImportError.
@@ -83,6 +84,8 @@ def test_infer_runs_without_torch(precision: str, tmp_path: Path) -> None:
     with Image.open(tmp_path / "out" / "scene.png") as im:
         assert im.mode == "P" and im.size == size
         pred = np.asarray(im)
+        colours = np.asarray(im.getpalette()[:3 * len(CLASS_NAMES)], dtype=np.uint8).reshape(-1, 3)
+    np.testing.assert_array_equal(colours, palette(len(CLASS_NAMES)))  # the evaluate report's class colours
     assert set(np.unique(pred)) <= {0, 1, 2} and len(np.unique(pred)) > 1  # valid class ids, not a constant
     # the edge script reproduces the prepare-path prediction of the same file (ONNX Runtime) and, for fp32, of the
     # PyTorch model, at the original size: held to the check stage's fp32 agreement floor on the pixels the

@@ -105,11 +105,11 @@ def test_every_stage_depends_on_the_code_it_runs() -> None:
 
 
 def test_shared_constants_and_helpers_are_defined_once() -> None:
-    """One "ignore" mask value, one list of algorithm names, one class-presence matrix: each defined in exactly
-    one module of the code (src/, export/, pipeline/, bench/), imported everywhere else."""
+    """One "ignore" mask value, one list of algorithm names, one class-presence matrix, one palette: each defined
+    in exactly one module of the code (src/, export/, pipeline/, bench/), imported everywhere else."""
     import ast
 
-    defined: dict[str, list[str]] = {"IGNORE": [], "ALGORITHMS": [], "class_presence": []}
+    defined: dict[str, list[str]] = {"IGNORE": [], "ALGORITHMS": [], "class_presence": [], "palette": []}
     for folder in ("src", "export", "pipeline", "bench"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             for node in ast.parse(path.read_text()).body:
@@ -119,7 +119,7 @@ def test_shared_constants_and_helpers_are_defined_once() -> None:
                 for name in set(names) & set(defined):
                     defined[name].append(str(path.relative_to(ROOT)))
     assert defined == {"IGNORE": ["src/metaseg/data/prepared.py"], "ALGORITHMS": ["src/metaseg/config.py"],
-                       "class_presence": ["src/metaseg/data/prepared.py"]}
+                       "class_presence": ["src/metaseg/data/prepared.py"], "palette": ["src/metaseg/overlay.py"]}
     for path in sorted((ROOT / "src").rglob("*.py")):  # no module writes the ignore value as a bare 255 literal
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value == 255

@@ -22,6 +22,7 @@ from metaseg.data.prepared import IGNORE
 from metaseg.evaluate import NOADAPT, EvalResult, Overlay
 from metaseg.scoring import Interval, mean_ci
 from metaseg.io import atomic_path, write_text
+from metaseg.overlay import blend
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +64,6 @@ def write_plot_data(result: EvalResult, plots: Path, *, domains: list[str], shot
     _write_csv(plots / "domains.csv", ["domain", "init", "shot", "miou", "label"], domain_rows)
 
 
-_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                     [145, 30, 180], [70, 240, 240], [240, 50, 230]], dtype=np.float32)
-
-
-def colour_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Blend a colour per label (0 = background: untouched, 255 = ignore: grey) onto a uint8 RGB image."""
-    out = image.astype(np.float32).copy()
-    fg = (labels > 0) & (labels != IGNORE)
-    colours = _COLOURS[1 + (labels.astype(np.int64) - 1) % (len(_COLOURS) - 1)]
-    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
-    out[labels == IGNORE] = 0.5 * out[labels == IGNORE] + 0.5 * 128
-    return out.clip(0, 255).astype(np.uint8)
-
-
 def write_overlays(overlays: list[Overlay], path: Path, *, columns: dict[str, str]) -> None:
     """Grid: rows = query images; columns image | ground truth | one prediction per ``columns`` (title -> init)."""
     import matplotlib
@@ -91,8 +78,8 @@ def write_overlays(overlays: list[Overlay], path: Path, *, columns: dict[str, st
         lut = np.zeros(256, dtype=np.uint8)  # episode labels -> domain class ids, so a class keeps its colour
         lut[IGNORE] = IGNORE
         lut[1:len(ov.class_ids) + 1] = ov.class_ids
-        panels = [ov.image, colour_overlay(ov.image, lut[ov.target]),
-                  *(colour_overlay(ov.image, lut[ov.preds[init]]) for init in columns.values())]
+        panels = [ov.image, blend(ov.image, lut[ov.target]),
+                  *(blend(ov.image, lut[ov.preds[init]]) for init in columns.values())]
         for c, panel in enumerate(panels):
             axes[r][c].imshow(panel)
             axes[r][c].set_xticks([])

@@ -14,7 +14,8 @@ import numpy as np
 
 from metaseg.cli import InputError
 from metaseg.config import BaseConfig, PrepareConfig
-from metaseg.data.prepared import IGNORE, DomainData
+from metaseg.data.prepared import DomainData
+from metaseg.overlay import blend
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +91,6 @@ def run_prepare(base: BaseConfig, cfg: PrepareConfig, *, progress: bool = True,
     return PrepareResult(domains, skipped, metrics, timings)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Image with class ids painted in fixed colours (tab20 order), ignore in grey, background untouched."""
-    from matplotlib import colormaps
-
-    colours = (np.asarray(colormaps["tab20"].colors) * 255).astype(np.float32)
-    lut = np.zeros((256, 3), np.float32)
-    lut[1:] = colours[np.arange(255) % len(colours)]
-    lut[IGNORE] = 128
-    out = image.astype(np.float32)
-    painted = mask > 0
-    out[painted] = (1 - alpha) * out[painted] + alpha * lut[mask[painted]]
-    return out.astype(np.uint8)
-
-
 def save_samples(domains: list[DomainData], path: str | Path, *, per_domain: int = 4, max_domains: int = 12) -> None:
     """PNG grid: one row per domain (name as row label), image + coloured mask overlay for evenly spaced samples."""
     import matplotlib
@@ -124,7 +111,7 @@ def save_samples(domains: list[DomainData], path: str | Path, *, per_domain: int
             ax.set_frame_on(False)
         for k, i in enumerate(picks):
             row[2 * k].imshow(d.images[i])
-            row[2 * k + 1].imshow(overlay(d.images[i], d.masks[i]))
+            row[2 * k + 1].imshow(blend(d.images[i], d.masks[i]))
         row[0].set_ylabel(f"{d.name}\n({len(d.class_names)} cl.)", fontsize=8)
     more = f" (first {len(shown)} of {len(domains)} domains)" if len(domains) > len(shown) else ""
     fig.suptitle(f"prepared samples: image | mask overlay{more}", fontsize=9)
