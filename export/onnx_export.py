@@ -27,7 +27,7 @@ from torch import nn
 
 from export.infer import preprocess
 from metaseg.cli import InputError
-from metaseg.config import ConfigError
+from metaseg.config import PRECISIONS, ConfigError
 from metaseg.data.prepared import PreparedDataset
 from metaseg.models.deeplab import HEAD_NAMES
 from metaseg.io import atomic_dir, read_json, write_bytes, write_json
@@ -244,7 +244,7 @@ def model_card(meta: Mapping[str, Any], files: dict[str, dict[str, Any]], *, ada
                out_dir: str | Path, opset: int, export_size: int, params: Mapping[str, Any], digest: str, commit: str,
                calibration: int, evaluate_metrics: str | Path | None, weight_bits: int = 8) -> dict[str, Any]:
     """card.json: what the files are, how they were made, where they came from, how to run them."""
-    edge = next(p for p in ("int8", "fp16", "fp32") if p in files)  # smallest file first
+    edge = next(p for p in reversed(PRECISIONS) if p in files)  # smallest file first
     return {
         "what": (f"DeepLabv3 ({meta['arch']['backbone']}) semantic segmentation for domain '{meta.get('domain')}', "
                  f"adapted with '{meta.get('algorithm')}' from {meta.get('shots')} shot(s) per class"),
@@ -314,7 +314,7 @@ def export_adapted(adapted: str | Path, out_dir: str | Path, prepared_root: str 
             files[precision] = {"file": name, "size_mb": round(len(data) / 1e6, 3),
                                 "sha256": hashlib.sha256(data).hexdigest()}
             log.info("%s/%s: %.1f MB", out_dir, name, len(data) / 1e6)
-        for precision in ("fp16", "int8"):
+        for precision in PRECISIONS[1:]:
             if precision in files and "fp32" in files:
                 metrics[f"{precision}_over_fp32"] = metrics[f"size_mb_{precision}"] / metrics["size_mb_fp32"]
         card = model_card(meta, files, adapted=adapted, out_dir=out_dir, opset=opset, export_size=export_size,

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from metaseg.cli import InputError
+from metaseg.config import PRECISIONS
 from metaseg.data.prepared import Domain, PreparedDataset
 from metaseg.scoring import iou_of_labels
 from metaseg.io import read_json
@@ -251,7 +252,10 @@ def test_indices(splits: dict[str, Any], domain: str, splits_path: str | Path) -
         raise InputError(f"{splits_path}: no pools.{domain}.test (is '{domain}' a meta-test domain?)") from None
 
 
-PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+def _order(precision: str) -> int:
+    return PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
 
 
 def run_checks(onnx_root: str | Path, adapted_root: str | Path, prepared_root: str | Path, splits_path: str | Path, *,
@@ -274,7 +278,7 @@ def run_checks(onnx_root: str | Path, adapted_root: str | Path, prepared_root: s
         x, y = load_test_pool(prepared.domain(domain), test_indices(splits, domain, splits_path), check_size,
                               list(meta["mean"]), list(meta["std"]), device)
         ref = torch_reference(model, x, y, num_classes=num_classes, runs=latency_runs, warmup=warmup_runs)
-        for precision, path in sorted(files.items(), key=lambda kv: PRECISION_ORDER.get(kv[0], 9)):
+        for precision, path in sorted(files.items(), key=lambda kv: _order(kv[0])):
             runner = OrtRunner(path, providers, num_classes)
             row = check_one(runner, ref, x, y, precision=precision, atol_cpu=atol_cpu, atol_cuda=atol_cuda,
                             min_agreement=min_agreement, decided_margin=decided_margin, miou_drop=miou_drop,

@@ -8,7 +8,7 @@ exit code 2 before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -177,11 +177,15 @@ class EvaluateConfig(_Section):
     workers: int = Field(2, ge=1)  # CPU: processes evaluating (domain, K) units side by side (CUDA: always 1)
 
 
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list of ONNX precisions, largest file first
+
+
 class ExportConfig(_Section):
     """Stage `export`: ONNX files per adapted domain model."""
 
     opset: int = Field(18, ge=17, le=23)
-    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    precisions: list[Precision] = Field(default_factory=lambda: list(PRECISIONS))
     calibration_images: int = Field(16, ge=1)  # int8 static QDQ calibration, from the domain's own images
     export_size: int = Field(128, ge=32)  # trace shape (H = W); the check runs at another shape
     # 7-bit int8 weights: auto = only on an x86 CPU without VNNI (ONNX Runtime's u8 x s8 kernels can saturate there)
@@ -197,7 +201,7 @@ class CheckConfig(_Section):
     # least decided_margin apart; 0 = every pixel). Default run 2026-12-02, 8 adapted models: fp32 and fp16 1.0,
     # int8 0.9979-1.0 with 8-bit weights (0.986-0.989 with 7-bit ones on the same VNNI CPU); over all pixels int8
     # reads 0.90-0.99 because 35-65 % of the pixels of a weak model sit within 0.5 logits of a flip
-    min_agreement: dict[Literal["fp32", "fp16", "int8"], Annotated[float, Field(gt=0, le=1)]] = Field(
+    min_agreement: dict[Precision, Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99})
     decided_margin: float = Field(0.5, ge=0)
     miou_drop: float = Field(1.0, ge=0)  # fp16 / int8: allowed mIoU drop in points vs PyTorch fp32
@@ -209,7 +213,7 @@ class CheckConfig(_Section):
     @field_validator("min_agreement")
     @classmethod
     def _every_precision(cls, v: dict[str, float]) -> dict[str, float]:
-        missing = [p for p in ("fp32", "fp16", "int8") if p not in v]
+        missing = [p for p in PRECISIONS if p not in v]
         if missing:
             raise ValueError(f"needs a floor for every precision; missing {', '.join(missing)}")
         return v
