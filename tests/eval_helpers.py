@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from meta_helpers import LOSS
+from params_helpers import full_params
 from metaseg.config import SplitsConfig
 from metaseg.data.prepared import PreparedDataset, write_prepared
 from metaseg.data.splits import make_splits, write_splits
@@ -40,7 +41,7 @@ def params(**sections: dict[str, object]) -> dict[str, dict[str, object]]:
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
-    return base
+    return full_params(**base)  # a stage needs every key spelled out
 
 
 def make_workspace(root: Path, **sections: dict[str, object]) -> Path:

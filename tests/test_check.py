@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
 
 from export.onnx_export import classifier_node
 from export.runtime_check import CheckFailed, OrtRunner, enforce, format_table, pool_miou, run_checks
 from metaseg.scoring import iou_of_labels
 from tests.onnx_helpers import ALGORITHM, BACKBONE, CLASS_NAMES, DOMAIN, LITE, adapted_root, bundle, check_config
+from tests.params_helpers import write_params
 from tests.timing_helpers import assert_apart, read_apart
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_perturbed_model_fails_the_stage(tmp_path: Path) -> None:
     onnx_root = tmp_path / "onnx"
     _perturb(b.onnx_dir / "model.fp32.onnx", onnx_root / DOMAIN / ALGORITHM / "model.fp32.onnx")
     shutil.copy(b.onnx_dir / "model.fp16.onnx", onnx_root / DOMAIN / ALGORITHM / "model.fp16.onnx")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"check": check_config().model_dump()}))
+    write_params(tmp_path / "params.yaml", check=check_config().model_dump())
     shutil.copy(b.splits, tmp_path / "splits.json")
     cmd = [sys.executable, "-m", "pipeline.check", "--params", str(tmp_path / "params.yaml"),
            "--onnx", str(onnx_root), "--adapted", str(adapted_root(b)), "--prepared", str(b.prepared),

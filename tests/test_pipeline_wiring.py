@@ -25,7 +25,8 @@ def _declared(name: str) -> set[str]:
 
 
 def test_params_yaml_spells_out_every_key() -> None:
-    # DVC templating and `dvc params diff` see only what params.yaml writes, not the config defaults
+    # DVC templating and `dvc params diff` see only what params.yaml writes, not the config defaults (and
+    # load_config refuses a file that leaves a key out: a key added to a class must be added here too)
     for section, cls in SECTIONS.items():
         assert set(PARAMS[section]) == set(cls.model_fields), section
 
@@ -33,8 +34,21 @@ def test_params_yaml_spells_out_every_key() -> None:
 def test_one_name_per_stage() -> None:
     for name in DVC:
         assert (ROOT / "pipeline" / f"{name}.py").is_file(), name
-        assert name in SECTIONS, name
+        assert name in SECTIONS or name == "validate", name  # validate has no knobs: it checks every section
         assert f"python -m pipeline.{name} " in _stage(name)["cmd"]
+
+
+def test_validate_runs_first_on_every_repro() -> None:
+    """A typo in params.yaml stops `dvc repro` / `dvc exp run` even when every stage is up to date: the validate
+    stage always runs, and every other stage depends on its stamp (so DVC runs it first), never on a params key."""
+    validate = DVC["validate"]
+    assert validate.get("always_changed") is True and "params" not in validate
+    (stamp,) = _entries(validate, "outs")
+    assert _entries(validate, "outs")[stamp] == {"cache": False}
+    assert f"--out {stamp}" in validate["cmd"] and "--params params.yaml" in validate["cmd"]
+    for name in DVC:
+        if name != "validate":
+            assert stamp in _stage(name)["deps"], f"{name}: add {stamp} to its deps"
 
 
 def test_train_stages_rerun_on_their_keys_only() -> None:
@@ -147,6 +161,9 @@ def test_metrics_files_hold_quality_and_timings_are_plain_outputs() -> None:
     for name in DVC:
         stage = _stage(name)
         metrics, outs = _entries(stage, "metrics"), _entries(stage, "outs")
+        if name == "validate":  # measures nothing: its one output is the stamp the other stages wait for
+            assert not metrics and not _TIMES.search((ROOT / "pipeline/validate.py").read_text())
+            continue
         assert metrics and all(p.endswith("/metrics.json") for p in metrics), (name, sorted(metrics))
         for pattern in metrics:
             for path in ROOT.glob(re.sub(r"\$\{[^}]*\}", "*", pattern)):  # the committed results of the stage

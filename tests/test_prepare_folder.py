@@ -172,6 +172,42 @@ def test_bad_labels_yaml_is_reported(tmp_path: Path) -> None:
         run(tmp_path)
 
 
+def test_malformed_labels_yaml_names_line_and_column(tmp_path: Path) -> None:
+    (write_domain(tmp_path) / "labels.yaml").write_text("classes:\n  3: cat\n   0: sky\n")
+    with pytest.raises(InputError) as err:
+        run(tmp_path)
+    message = str(err.value)
+    assert "dom/labels.yaml: not valid YAML: line 3, column 5: mapping values are not allowed here" in message
+    assert "\n" not in message
+
+
+def test_mask_values_above_255_are_mask_values_not_ids(tmp_path: Path) -> None:
+    """labels.yaml keys are values of the mask *file* (0..65535: a 16-bit PNG may use any); the prepared mask
+    stores ids 1..C and 255 = ignore whatever the values were. A value above 255 absent from 8-bit masks imports
+    (it was an IndexError, also under on_error: skip); a 16-bit mask maps it like any other value."""
+    write_domain(tmp_path, "eight", labels={"classes": {3: "cat", 300: "dog"}, "ignore": [9, 1000]})
+    d16 = write_domain(tmp_path, "sixteen", n=2, labels={"classes": {300: "dog", 3: "cat"}, "ignore": [1000]})
+    raw = np.zeros((16, 24), np.uint16)
+    raw[4:12, 2:10], raw[4:12, 12:20], raw[0] = 300, 3, 1000
+    for i in range(2):
+        Image.fromarray(raw).save(d16 / "masks" / f"{i:02d}.png")  # mode I;16
+    for on_error in ("fail", "skip"):
+        got, skipped = run(tmp_path, on_error=on_error, size=32)
+        assert skipped == [] and got["eight"].class_names == ["cat", "dog"]
+        assert set(np.unique(got["eight"].masks)) == {0, 1, 255}
+        m = got["sixteen"].masks[0]  # stretch 24x16 -> 32x32: dog is id 1, cat id 2, 1000 ignored
+        assert m[12, 8] == 1 and m[12, 21] == 2 and (m[0] == 255).all() and m[31, 31] == 0
+
+
+def test_more_classes_than_uint8_ids_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    write_domain(tmp_path, "ok")
+    write_domain(tmp_path, "many", labels={"classes": {v: f"c{v}" for v in range(255)}})
+    with pytest.raises(InputError, match=r"many/labels.yaml: 'classes' has 255 entries; at most 254 per domain"):
+        run(tmp_path)
+    got, skipped = run(tmp_path, on_error="skip")
+    assert list(got) == ["ok"] and [s["file"] for s in skipped] == ["many/labels.yaml"]
+
+
 def test_missing_root_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="prepare.root"):
         run(tmp_path / "nope")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from params_helpers import write_params
 from PIL import Image
 from timing_helpers import read_apart
 
@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).parents[1] / "pipeline" / "prepare.py"
 
 
 def stage(cwd: Path, prepare: dict) -> subprocess.CompletedProcess:
-    (cwd / "params.yaml").write_text(yaml.safe_dump({"base": {"seed": 0, "image_size": 32}, "prepare": prepare}))
+    write_params(cwd / "params.yaml", base={"seed": 0, "image_size": 32}, prepare=prepare)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, str(SCRIPT), "--params", "params.yaml", "--out", "data/prepared",
                            "--results", "results/prepare"], cwd=cwd, env=env, capture_output=True, text=True,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from metaseg.config import ConfigError
 from metaseg.data.augment import build_augment
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import DomainData, PreparedDataset, write_prepared
@@ -145,3 +146,16 @@ def test_one_shot_episode_batch(dataset: PreparedDataset) -> None:
     assert b.support_x.shape == (1, 3, SIZE, SIZE) and b.support_y.shape == (1, SIZE, SIZE)
     plain = episode_batch(dataset.domain(ep.domain), ep, norm=NORM)
     assert (plain.support_y == 1).any()  # the support shows its class
+
+
+def test_an_episode_no_domain_can_fill_is_one_line_naming_the_key_and_the_limit(dataset: PreparedDataset) -> None:
+    """train.shots / train.ways beyond what the meta-train domains hold: a ConfigError (exit 2, one line) when the
+    sampler is built, naming the key and the most a domain allows, not a ValueError traceback."""
+    most = max(len(idx) for name in ("a", "b") for idx in dataset.domain(name).images_with_class().values())
+    TrainSampler(dataset, ["a", "b"], ways=1, shots=most - 2, queries=2, seed=0)  # the limit itself is fine
+    with pytest.raises(ConfigError) as err:
+        TrainSampler(dataset, ["a", "b"], ways=1, shots=most - 1, queries=2, seed=0)
+    message = str(err.value)
+    assert message.startswith("'train.shots': ") and f"at most {most} " in message and "\n" not in message
+    with pytest.raises(ConfigError, match=r"^'train.ways': 4-way .*; the most is 3 \(domain 'a'\): lower train.ways$"):
+        TrainSampler(dataset, ["a", "b"], ways=4, shots=1, queries=1, seed=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from params_helpers import write_params
 
 from metaseg.config import ConfigError, SplitsConfig, parse_section
 from metaseg.data.episodes import Episode
@@ -179,7 +180,7 @@ def test_unknown_domain_names_the_key(prepared: Path) -> None:
 
 def run_stage(tmp_path: Path, prepared: Path, splits: dict[str, object]) -> subprocess.CompletedProcess[str]:
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"base": {"seed": 3}, "splits": splits}))  # JSON is YAML
+    write_params(params, base={"seed": 3}, splits=splits)
     cmd = [sys.executable, str(ROOT / "pipeline" / "splits.py"), "--params", str(params), "--prepared", str(prepared),
            "--out", str(tmp_path / "splits"), "--results", str(tmp_path / "results")]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}

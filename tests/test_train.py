@@ -2,10 +2,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from meta_helpers import SIZE, make_fixture
+from params_helpers import write_params
 from timing_helpers import read_apart
 
 from metaseg.config import AdaptConfig, BaseConfig, ModelConfig, SplitsConfig, TrainConfig
@@ -163,3 +167,21 @@ def test_query_labels_never_reach_adaptation(tmp_path) -> None:
     assert len(preds) == len(scrambled) > 0
     assert all(np.array_equal(a, b) for a, b in zip(preds, scrambled))
     assert scrambled_score != score
+
+
+def test_stage_rejects_more_shots_than_a_domain_holds_with_one_line(tmp_path) -> None:
+    """train.shots + train.queries above every meta-train class's image count: exit 2 with one line naming the key
+    and the limit, before anything is written (a 14-line ValueError traceback, exit 1, before)."""
+    prepared, splits = make_fixture(tmp_path)  # 8 images per domain, each class in 4 of them
+    params = write_params(tmp_path / "params.yaml", base={"image_size": SIZE, "device": "cpu"},
+                          model=MODEL.model_dump(), train={"shots": 4, "queries": 1})
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", str(params), "--algorithm", "fomaml",
+                           "--prepared", str(prepared), "--splits", str(splits), "--out", str(out / "init.pt"),
+                           "--checkpoints", str(out / "ck"), "--results", str(out / "results")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr and len([ln for ln in lines if ln.startswith("error:")]) == 1
+    assert lines[-1].startswith("error: 'train.shots': ") and "at most 4 " in lines[-1]
+    assert not out.exists()

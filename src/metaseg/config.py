@@ -3,7 +3,13 @@
 Params flow one way: a stage script calls ``load_config(path, "train")`` (or several sections) and passes plain
 values into library functions; library code never reads params.yaml. Any unknown key, wrong type or out-of-range
 value raises ``ConfigError`` with a one-line message naming the key; ``metaseg.cli.run_stage`` turns it into
-exit code 2 before any work starts.
+exit code 2 before any work starts. The `validate` stage (``pipeline/validate.py``) runs the same check first on
+every ``dvc repro`` / ``dvc exp run``, so a typo is caught even when every stage is up to date.
+
+A params file spells out every section and every key (``load_config`` names what is missing), so the
+committed params.yaml is the one source of a run's values: the defaults below never decide a pipeline run. They
+keep the classes constructible in tests and library calls (``TrainConfig(iterations=4)``) and are not meant to
+match params.yaml (the tests' tiny models need e.g. ``body_stage: null``).
 """
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metaseg.io import yaml_problem
 
 
 class ConfigError(ValueError):
@@ -263,7 +271,7 @@ def read_params(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -273,7 +281,21 @@ def read_params(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, *sections: str) -> dict[str, Any]:
-    """Validate the whole file (so a typo anywhere is caught) and return the requested sections by name."""
+    """Validate the whole file (so a typo anywhere is caught) and return the requested sections by name.
+
+    Every section and key must be written out: a missing one is a ConfigError naming it, never a silent code default.
+    Unknown keys and bad values are reported first (a misspelt key reads as unknown, not as its correct name missing).
+    """
     raw = read_params(path)
     parsed = {name: parse_section(name, raw.get(name)) for name in SECTIONS}
+    absent = [name for name in SECTIONS if name not in raw]
+    if absent:
+        raise ConfigError(f"{path}: missing section{'s' if len(absent) > 1 else ''} {', '.join(absent)} (every section "
+                          f"and key is spelled out; copy them from the repository's params.yaml)")
+    for name in SECTIONS:
+        missing = [key for key in SECTIONS[name].model_fields if key not in (raw[name] or {})]
+        if missing:
+            keys = ", ".join(f"'{name}.{key}'" for key in missing)
+            raise ConfigError(f"{keys}: missing from {path} (every key is spelled out, none falls back to a code "
+                              f"default; see the repository's params.yaml)")
     return {name: parsed[name] for name in sections}

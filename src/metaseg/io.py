@@ -1,4 +1,5 @@
-"""Atomic writes: a killed stage never leaves a half file that looks whole (temp file in the same folder + rename)."""
+"""Atomic writes: a killed stage never leaves a half file that looks whole (temp file in the same folder + rename).
+And reading: JSON, and a YAML syntax error as one line with its position."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def _umask() -> int:
@@ -66,6 +69,21 @@ def write_timings(results: str | Path, timings: Mapping[str, Any]) -> None:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML syntax error on one line, with the line and column DVC's own message gives (1-based):
+    ``line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence from line 3, column 15)``."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:  # e.g. a ReaderError (a control character): "..., position 12"
+        return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if context and context_mark is not None:
+        text += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
 
 
 def save_with(path: str | Path, save: Callable[[Path], None]) -> None:

@@ -6,7 +6,7 @@
     <root>/<domain>/masks/<stem>.png          same size as the image; pixel values as in labels.yaml
     <root>/<domain>/labels.yaml
 
-labels.yaml::
+labels.yaml (mask values 0..65535: 8-bit or 16-bit PNG masks; at most 254 classes, the prepared ids 1..254)::
 
     classes: {0: building, 1: land}   # mask value -> class name; ids 1..C follow this order (value 0 may be a class)
     ignore: [5, 255]                  # values excluded from loss and metrics (stored as 255)
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from metaseg.data.importing import (BadFile, DomainBuilder, Issues, check_same_size, fit, import_subfolders,
                                     list_images, read_image, read_mask, require_class_pixels)
 from metaseg.data.prepared import IGNORE, DomainData
+from metaseg.io import yaml_problem
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ class Labels:
     background: frozenset[int] | None  # None: every undeclared value is background
 
     def lut(self, size: int) -> np.ndarray:
-        """Mask value -> prepared id (1..C for classes, 255 for ignore, 0 otherwise)."""
-        lut = np.zeros(max(size, 256), np.uint8)
+        """Mask value -> prepared id (1..C for classes, 255 for ignore, 0 otherwise), for mask values below ``size``
+        and every declared value (a 16-bit mask may use values up to 65535)."""
+        lut = np.zeros(max(size, 256, *(v + 1 for v in (*self.classes, *self.ignore))), np.uint8)
         for i, value in enumerate(self.classes, start=1):
             lut[value] = i
         for value in self.ignore:
@@ -63,7 +65,9 @@ def read_labels(path: Path, rel: str) -> Labels:
     """Parse and validate a labels.yaml; any problem is a BadFile naming the key."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
+        raise BadFile(rel, f"not valid YAML: {yaml_problem(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
         raise BadFile(rel, f"unreadable labels.yaml ({type(err).__name__})") from None
     if not isinstance(raw, dict):
         raise BadFile(rel, "labels.yaml must be a mapping with 'classes' (value -> name) and 'ignore' (list)")
@@ -82,6 +86,9 @@ def read_labels(path: Path, rel: str) -> Labels:
         parsed[value] = name.strip()
     if len(set(parsed.values())) != len(parsed):
         raise BadFile(rel, "class names must be unique")
+    if len(parsed) >= IGNORE:
+        raise BadFile(rel, f"'classes' has {len(parsed)} entries; at most {IGNORE - 1} per domain (prepared masks are "
+                           f"uint8: ids 1..{IGNORE - 1}, {IGNORE} = ignore): split the domain")
     ignore = _values(raw.get("ignore"), "ignore", rel)
     background = _values(raw["background"], "background", rel) if "background" in raw else None
     for other, key in ((ignore, "ignore"), (background or frozenset(), "background")):

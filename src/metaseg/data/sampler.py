@@ -7,6 +7,8 @@ domain is usable when it has >= ``ways`` usable classes. Support: ``shots`` dist
 class_ids order; query: ``queries`` other images containing at least one of the episode's classes (for ways > 1 a
 draw that leaves too few is redrawn, up to 100 times, then the best draw is kept). Each episode also gets an
 augmentation seed from the same stream, so ``state_dict`` / ``load_state_dict`` reproduce episodes *and* batches.
+Settings no meta-train domain can serve are a ``ConfigError`` naming ``train.ways`` or ``train.shots`` and the most
+the domains allow, raised when the sampler is built (before training starts).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metaseg.config import ConfigError
 from metaseg.data.augment import Augment
 from metaseg.data.episodes import Episode
 from metaseg.data.prepared import IGNORE, Domain, PreparedDataset
@@ -25,6 +28,28 @@ from metaseg.data.prepared import IGNORE, Domain, PreparedDataset
 log = logging.getLogger(__name__)
 
 _REDRAWS = 100
+
+
+def too_large(dataset: PreparedDataset, domains: Sequence[str], *, ways: int, shots: int,
+              queries: int) -> ConfigError:
+    """The one-line error for an episode no meta-train domain can fill, naming the key to lower and the most the
+    domains allow: ``train.ways`` when no domain has ``ways`` classes with 2 images (1 support + 1 query), else
+    ``train.shots`` (shots + queries images of each of ``ways`` classes)."""
+    if not domains:
+        return ConfigError("'splits.meta_train': no meta-train domain to sample training episodes from")
+    per_domain = {name: sorted((len(idx) for idx in dataset.domain(name).images_with_class().values()), reverse=True)
+                  for name in domains}
+    most_ways = max(domains, key=lambda name: sum(n >= 2 for n in per_domain[name]))
+    n_ways = sum(n >= 2 for n in per_domain[most_ways])
+    if n_ways < ways:
+        return ConfigError(f"'train.ways': {ways}-way training episodes need {ways} classes with >= 2 images in one "
+                           f"meta-train domain; the most is {n_ways} (domain '{most_ways}'): lower train.ways")
+    allowed = {name: counts[ways - 1] if len(counts) >= ways else 0 for name, counts in per_domain.items()}
+    best = max(domains, key=lambda name: allowed[name])
+    return ConfigError(f"'train.shots': a {ways}-way episode needs shots + queries = {shots} + {queries} = "
+                       f"{shots + queries} images of each class, but the meta-train domains allow at most "
+                       f"{allowed[best]} (domain '{best}'): lower train.shots or train.queries so their sum is "
+                       f"<= {allowed[best]}")
 
 
 class TrainSampler:
@@ -48,13 +73,11 @@ class TrainSampler:
                 self._present[name] = d.class_presence()
             else:
                 skipped.append(f"{name} ({len(usable)} classes with >= {shots + queries} images)")
+        if not self._index:
+            raise too_large(dataset, self.domains, ways=ways, shots=shots, queries=queries)
         if skipped:
             log.warning("training sampler skips domains with fewer than ways=%d usable classes: %s", ways,
                         ", ".join(skipped))
-        if not self._index:
-            raise ValueError(f"no meta-train domain has {ways} classes with >= shots + queries = {shots + queries} "
-                             f"images ({', '.join(skipped) or 'no domains given'}); lower train.shots / train.queries "
-                             f"/ train.ways")
         self.usable_domains: tuple[str, ...] = tuple(self._index)
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3]))
         self.count = 0  # episodes drawn so far
