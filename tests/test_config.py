@@ -41,6 +41,7 @@ def test_config_objects_are_frozen() -> None:
         ("train", {"algorithms": ["maml", "dreamer"]}, "train.algorithms"),
         ("train", {"inner_lr": -0.1}, "train.inner_lr"),
         ("prepare", {"source": "coco"}, "prepare.source"),
+        ("prepare", {"min_image_side": 0}, "prepare.min_image_side"),
         ("model", {"backbone": "efficientnet_lite3"}, "model.backbone"),
         ("model", {"backbone": "resnet50", "output_stride": 8}, "output_stride 8 is for the efficientnet_lite"),
         ("model", {"output_stride": 32}, "model.output_stride"),

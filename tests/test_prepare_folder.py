@@ -12,6 +12,7 @@ from PIL import Image
 from metaseg.cli import InputError
 from metaseg.data.folder import import_folder
 from metaseg.data.prepared import sha256_bytes
+from tests.image_helpers import picture, save_versions
 
 LABELS = {"classes": {3: "cat", 0: "sky"}, "ignore": [9]}  # value 0 is a class; ids follow file order: 3->1, 0->2
 
@@ -34,9 +35,9 @@ def write_domain(root: Path, name: str = "dom", n: int = 3, labels: dict = LABEL
 
 
 def run(root: Path, on_error: str = "fail", size: int = 32, resize: str = "stretch", domains: list[str] | None = None,
-        max_images: int | None = None) -> tuple[dict, list]:
+        max_images: int | None = None, min_side: int = 8) -> tuple[dict, list]:
     out, skipped = import_folder(root, image_size=size, resize=resize, on_error=on_error, domains=domains or [],
-                                 max_images=max_images, progress=False)
+                                 max_images=max_images, min_side=min_side, progress=False)
     return {d.name: d for d in out}, skipped
 
 
@@ -77,6 +78,23 @@ def test_rgba_jpeg_mixed_and_caps(tmp_path: Path) -> None:
     assert got.images[1, ..., 0].min() == 200 and got.images[1, ..., 1].max() == 0
 
 
+def test_every_version_of_a_picture_prepares_the_same_pixels(tmp_path: Path) -> None:
+    """16-bit, 12-bit-in-16, RGBA, palette, TIFF and grey files of one picture store what its 8-bit file stores."""
+    rgb = np.random.default_rng(5).integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    rgb[:, :12, 0] = 255  # the grey version reaches the top of its range too
+    d = write_domain(tmp_path, n=0)
+    versions = save_versions(d / "images", picture(rgb))
+    mask = np.zeros((20, 36), np.uint8)
+    mask[5:15, 10:30] = 3
+    for name in versions:
+        Image.fromarray(mask).save(d / "masks" / f"{Path(name).stem}.png")
+    got = run(tmp_path, size=32, resize="pad")[0]["dom"]
+    stored = {Path(it.source).name: image for it, image in zip(got.items, got.images)}
+    assert sorted(stored) == sorted(versions)
+    for name, image in stored.items():
+        assert np.array_equal(image, stored["grey8.png" if name.startswith("grey") else "rgb8.png"]), name
+
+
 def test_domains_filter_and_unknown_domain(tmp_path: Path) -> None:
     write_domain(tmp_path, "a")
     write_domain(tmp_path, "b")
@@ -115,6 +133,11 @@ def _no_class(d: Path) -> None:
     Image.fromarray(np.full((16, 24), 7, np.uint8)).save(d / "masks/01.png")
 
 
+def _tiny(d: Path) -> None:  # a 1x1 image would become a solid 32x32 block labelled 100% one class
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(d / "images/01.png")
+    Image.fromarray(np.full((1, 1), 3, np.uint8)).save(d / "masks/01.png")
+
+
 # case -> (corrupt, file named in the report, words of the reason)
 CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "unreadable": (_garbage, "dom/images/01.png", "unreadable"),
@@ -123,6 +146,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "size_mismatch": (_size_mismatch, "dom/images/01.png", "but its mask is 10x10"),
     "undeclared_value": (_undeclared, "dom/masks/01.png", "[42] neither a class, ignored nor background"),
     "no_class_pixel": (_no_class, "dom/images/01.png", "no pixel of any class"),
+    "too_small": (_tiny, "dom/images/01.png", "image is 1x1 px, below prepare.min_image_side (8 px"),
 }
 
 

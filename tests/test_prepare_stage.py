@@ -15,26 +15,28 @@ from timing_helpers import read_apart
 
 from metaseg.data.prepared import PreparedDataset
 
-SCRIPT = Path(__file__).parents[1] / "pipeline" / "prepare.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage(cwd: Path, prepare: dict) -> subprocess.CompletedProcess:
     write_params(cwd / "params.yaml", base={"seed": 0, "image_size": 32}, prepare=prepare)
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, str(SCRIPT), "--params", "params.yaml", "--out", "data/prepared",
-                           "--results", "results/prepare"], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    # as DVC runs it (python -m pipeline.prepare), with the repository importable from the test's own folder
+    path = os.pathsep.join([str(ROOT), str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", "params.yaml",
+                           "--out", "data/prepared", "--results", "results/prepare"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def bad_folder(root: Path) -> None:
-    """Domain 'dom' with one good pair and one image whose mask is missing."""
+    """Domain 'dom' with one good pair and one image whose mask is missing (32 px: prepare.min_image_side's default)."""
     (root / "dom/images").mkdir(parents=True)
     (root / "dom/masks").mkdir()
     (root / "dom/labels.yaml").write_text("classes: {1: thing}\nignore: [255]\n")
-    mask = np.zeros((16, 16), np.uint8)
-    mask[4:12, 4:12] = 1
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
     for stem in ("a", "b"):
-        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(root / f"dom/images/{stem}.png")
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(root / f"dom/images/{stem}.png")
     Image.fromarray(mask).save(root / "dom/masks/a.png")
 
 
@@ -76,6 +78,23 @@ def test_bad_input_skip_lists_it_and_counts_it(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results/prepare/metrics.json").read_text())["skipped"] == 1
     assert "WARNING" in proc.stderr and "skipped 1" in proc.stderr
     assert PreparedDataset(tmp_path / "data/prepared").domain("dom").items[0].stem == "a"
+
+
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_image_below_min_image_side_is_a_bad_file(tmp_path: Path, on_error: str) -> None:
+    bad_folder(tmp_path / "raw")
+    (tmp_path / "raw/dom/images/b.png").unlink()
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(tmp_path / "raw/dom/images/c.png")
+    Image.fromarray(np.ones((1, 1), np.uint8)).save(tmp_path / "raw/dom/masks/c.png")
+    proc = stage(tmp_path, {"source": "folder", "root": "raw", "on_error": on_error, "min_image_side": 16})
+    reason = "image is 1x1 px, below prepare.min_image_side (16 px on the short side)"
+    if on_error == "fail":
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and f"dom/images/c.png: {reason}" in lines[0]
+        return
+    assert proc.returncode == 0, proc.stderr
+    skipped = json.loads((tmp_path / "results/prepare/skipped.json").read_text())
+    assert skipped == [{"file": "dom/images/c.png", "reason": reason}]
 
 
 @pytest.mark.parametrize("prepare, words", [({"source": "folder", "root": "nowhere"}, "prepare.root"),

@@ -81,6 +81,8 @@ class PrepareConfig(_Section):
     on_error: Literal["fail", "skip"] = "fail"  # bad input file: stop with its name, or list it in skipped.json
     domains: list[str] = Field(default_factory=list)  # real sources: import only these domains ([] = all)
     max_images_per_domain: int | None = Field(None, ge=1)  # real sources: cap per domain (sorted by stem)
+    min_image_side: int = Field(32, ge=1, le=2048)  # real sources: an image whose short side (px) is below this is a
+    # bad file (on_error): upscaled to image_size it is mostly interpolation (1x1: a solid block, 100% one class)
     # synthetic source
     synthetic_domains: int = Field(8, ge=2, le=12)  # number of procedural domains (names: metaseg.data.synthetic.DOMAIN_NAMES)
     images_per_domain: int = Field(100, ge=4)  # procedural images per domain

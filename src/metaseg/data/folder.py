@@ -14,7 +14,8 @@ labels.yaml (mask values 0..65535: 8-bit or 16-bit PNG masks; at most 254 classe
                                       # value found in a mask, and any other value is an error. When absent,
                                       # every value that is neither a class nor ignored is background (id 0).
 
-Images may be RGB, RGBA (alpha dropped), grey, palette; JPEG or PNG; any size (resized per ``resize``).
+Images may be RGB, RGBA (alpha dropped), grey, palette, 8 or 16 bits (12-bit-in-16 included); JPEG, PNG, TIFF, ...;
+any size from ``prepare.min_image_side`` up (resized per ``resize``); read by ``export/image_reader.py``.
 Domains, stems and everything else are processed in sorted order, so the output is deterministic.
 """
 from __future__ import annotations
@@ -101,10 +102,10 @@ def read_labels(path: Path, rel: str) -> Labels:
 
 
 def _load_pair(image_path: Path, mask_path: Path, rel: str, mask_rel: str, labels: Labels, size: int,
-               resize: str) -> tuple[np.ndarray, np.ndarray, bytes]:
-    image, data = read_image(image_path, rel)
+               resize: str, min_side: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    image, stored, data = read_image(image_path, rel, size=size, resize=resize, min_side=min_side)
     raw = read_mask(mask_path, mask_rel)
-    check_same_size(image, raw, rel)
+    check_same_size(stored, raw, rel)
     present = np.flatnonzero(np.bincount(raw.reshape(-1), minlength=256))
     if labels.background is not None:
         undeclared = sorted(set(present.tolist()) - set(labels.classes) - labels.ignore - labels.background)
@@ -118,8 +119,8 @@ def _load_pair(image_path: Path, mask_path: Path, rel: str, mask_rel: str, label
     return image, mask, data
 
 
-def _import_domain(root: Path, name: str, issues: Issues, size: int, resize: str, max_images: int | None,
-                   progress: bool) -> DomainData | None:
+def _import_domain(root: Path, name: str, issues: Issues, size: int, resize: str, min_side: int,
+                   max_images: int | None, progress: bool) -> DomainData | None:
     folder = root / name
     if not (folder / "labels.yaml").is_file():
         issues.bad(f"{name}/labels.yaml", "missing labels.yaml (classes: value -> name, ignore: [values])")
@@ -142,7 +143,7 @@ def _import_domain(root: Path, name: str, issues: Issues, size: int, resize: str
                 raise BadFile(rel, f"ambiguous stem: {', '.join(p.name for p in files)}")
             if not (root / mask_rel).is_file():
                 raise BadFile(rel, f"missing mask {mask_rel}")
-            image, mask, data = _load_pair(files[0], root / mask_rel, rel, mask_rel, labels, size, resize)
+            image, mask, data = _load_pair(files[0], root / mask_rel, rel, mask_rel, labels, size, resize, min_side)
         except BadFile as err:
             issues.report(err)
             continue
@@ -157,11 +158,13 @@ def _import_domain(root: Path, name: str, issues: Issues, size: int, resize: str
 
 
 def import_folder(root: Path, *, image_size: int, resize: str, on_error: str, domains: list[str],
-                  max_images: int | None = None, progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
+                  max_images: int | None = None, min_side: int = 1,
+                  progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
     """All (or the listed) domain folders under ``root``; returns the domains and the skipped files.
 
     ``max_images``: keep the first N usable images per domain in sorted stem order (a skipped file does not count).
+    ``min_side``: an image whose short side is below it is a bad file (``prepare.min_image_side``).
     """
     return import_subfolders(root, _import_domain, kind="domain", layout="<root>/<domain>/images/",
-                             image_size=image_size, resize=resize, on_error=on_error, domains=domains,
-                             max_images=max_images, progress=progress)
+                             image_size=image_size, resize=resize, min_side=min_side, on_error=on_error,
+                             domains=domains, max_images=max_images, progress=progress)

@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from metaseg.data.importing import (DECODE_ERRORS, BadFile, DomainBuilder, Issues, check_same_size, describe, fit,
-                                    import_subfolders, read_image, require_class_pixels)
+from export.image_reader import DECODE_ERRORS, describe
+from metaseg.data.importing import (BadFile, DomainBuilder, Issues, check_same_size, fit, import_subfolders, read_image,
+                                    require_class_pixels)
 from metaseg.data.prepared import DomainData
 
 
@@ -33,8 +34,8 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
 
 
-def _import_class(root: Path, name: str, issues: Issues, size: int, resize: str, max_images: int | None,
-                  progress: bool) -> DomainData | None:
+def _import_class(root: Path, name: str, issues: Issues, size: int, resize: str, min_side: int,
+                  max_images: int | None, progress: bool) -> DomainData | None:
     builder = DomainBuilder(name, [name])
     for path in tqdm(_images(root / name), desc=name, unit="img", leave=False,
                      disable=None if progress else True):
@@ -42,9 +43,9 @@ def _import_class(root: Path, name: str, issues: Issues, size: int, resize: str,
         try:
             if not (root / mask_rel).is_file():
                 raise BadFile(rel, f"missing mask {mask_rel}")
-            image, data = read_image(path, rel)
+            image, stored, data = read_image(path, rel, size=size, resize=resize, min_side=min_side)
             mask = _read_binary_mask(root / mask_rel, mask_rel)
-            check_same_size(image, mask, rel)
+            check_same_size(stored, mask, rel)
             require_class_pixels(mask, rel, "in its mask (no value > 127)")
             image, mask = fit(image, mask, size, resize)
             require_class_pixels(mask, rel, f"left after resizing to {size} px ({resize})")
@@ -58,8 +59,9 @@ def _import_class(root: Path, name: str, issues: Issues, size: int, resize: str,
 
 
 def import_fss1000(root: Path, *, image_size: int, resize: str, on_error: str, domains: list[str],
-                   max_images: int | None = None, progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
+                   max_images: int | None = None, min_side: int = 1,
+                   progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
     """Every (or each listed) class folder under ``root`` as a one-class domain; returns domains and skipped files."""
     return import_subfolders(root, _import_class, kind="class", layout="<root>/<class>/<n>.jpg + .png",
-                             image_size=image_size, resize=resize, on_error=on_error, domains=domains,
-                             max_images=max_images, progress=progress)
+                             image_size=image_size, resize=resize, min_side=min_side, on_error=on_error,
+                             domains=domains, max_images=max_images, progress=progress)

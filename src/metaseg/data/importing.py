@@ -1,5 +1,8 @@
 """What the real-data importers (folder, voc, fss1000) share: decoding, resizing, and the bad-input policy.
 
+Images are read by ``export/image_reader.py``, the module the edge script reads them with: a device sees a photo
+(16-bit, palette, a JPEG decoded at reduced scale) exactly as the prepared dataset stores it.
+
 Bad input is reported through ``Issues.bad(file, reason)``: with ``on_error="fail"`` it raises ``InputError``
 (one line: file and reason), with ``"skip"`` it records the file in ``Issues.skipped`` and the importer moves on.
 Per-file checks raise ``BadFile`` inside the importer's loop, which hands it to ``Issues``.
@@ -12,15 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from export.image_reader import DECODE_ERRORS, IMAGE_SUFFIXES, ImageError, describe, fitted_size, read_rgb
 from metaseg.cli import InputError
 from metaseg.data.prepared import IGNORE, DomainData, Item, sha256_bytes
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class BadFile(Exception):
@@ -49,25 +50,23 @@ class Issues:
         self.bad(err.file, err.reason)
 
 
-def describe(err: BaseException) -> str:
-    """``Type: first line of the message`` of a decoder error, for a one-line report."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def read_image(path: Path, rel: str) -> tuple[np.ndarray, bytes]:
-    """RGB uint8 [H, W, 3] and the file's bytes; alpha is dropped, 16-bit / float images are scaled to 0..255."""
+def read_image(path: Path, rel: str, *, size: int, resize: str,
+               min_side: int) -> tuple[np.ndarray, tuple[int, int], bytes]:
+    """uint8 RGB as ``export.image_reader.read_rgb`` reads it (a JPEG decoded no larger than ``fit`` needs, so the
+    array may be smaller than the file), the stored (width, height) and the file's bytes. An image whose short side
+    is below ``min_side`` px (``prepare.min_image_side``) is a BadFile: resized to ``size`` it would be mostly
+    interpolation, and a 1x1 one a solid block labelled 100% one class."""
     try:
         data = path.read_bytes()
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                arr = arr * (255.0 / max(float(arr.max()), 1.0))
-                return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=2), data
-            return np.asarray(im.convert("RGB")), data
-    except DECODE_ERRORS as err:
+        image, stored = read_rgb(path, lambda width, height: fitted_size(width, height, size, resize))
+    except ImageError as err:
+        raise BadFile(rel, str(err)) from None
+    except OSError as err:
         raise BadFile(rel, f"unreadable or truncated image ({describe(err)})") from None
+    if min(stored) < min_side:
+        raise BadFile(rel, f"image is {stored[0]}x{stored[1]} px, below prepare.min_image_side ({min_side} px on "
+                           "the short side)")
+    return image, stored, data
 
 
 def read_mask(path: Path, rel: str) -> np.ndarray:
@@ -87,27 +86,24 @@ def read_mask(path: Path, rel: str) -> np.ndarray:
     return values
 
 
-def check_same_size(image: np.ndarray, mask: np.ndarray, rel: str) -> None:
-    if image.shape[:2] != mask.shape:
-        raise BadFile(rel, f"image is {image.shape[1]}x{image.shape[0]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
+def check_same_size(stored: tuple[int, int], mask: np.ndarray, rel: str) -> None:
+    """The image's stored (width, height) against its mask's shape."""
+    if (stored[1], stored[0]) != mask.shape:
+        raise BadFile(rel, f"image is {stored[0]}x{stored[1]} but its mask is {mask.shape[1]}x{mask.shape[0]}")
 
 
 def fit(image: np.ndarray, mask: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image (bilinear, antialiased) and uint8 mask (nearest) to size x size: stretch | pad | crop."""
+    """Resize image (bilinear, antialiased) and uint8 mask (nearest) to size x size: stretch | pad | crop. The
+    geometry follows the mask (the stored size): the image may arrive smaller, decoded at a reduced JPEG scale."""
     h, w = mask.shape
-    im, mk = Image.fromarray(image), Image.fromarray(mask.astype(np.uint8))
+    nw, nh = fitted_size(w, h, size, mode)
+    im_r = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    mk_r = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((nw, nh), Image.NEAREST))
     if mode == "stretch":
-        return (np.asarray(im.resize((size, size), Image.BILINEAR)),
-                np.asarray(mk.resize((size, size), Image.NEAREST)))
-    scale = size / (max(h, w) if mode == "pad" else min(h, w))
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    im_r = np.asarray(im.resize((nw, nh), Image.BILINEAR))
-    mk_r = np.asarray(mk.resize((nw, nh), Image.NEAREST))
+        return im_r, mk_r
     if mode == "crop":
         top, left = (nh - size) // 2, (nw - size) // 2
         return im_r[top:top + size, left:left + size].copy(), mk_r[top:top + size, left:left + size].copy()
-    if mode != "pad":
-        raise ValueError(f"unknown resize mode '{mode}' (stretch | pad | crop)")
     out_im = np.zeros((size, size, 3), np.uint8)
     out_mk = np.full((size, size), IGNORE, np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
@@ -149,7 +145,7 @@ def list_images(folder: Path) -> dict[str, list[Path]]:
     """stem -> image files in ``folder`` (sorted; more than one file means an ambiguous stem)."""
     found: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS:
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
             found.setdefault(p.stem, []).append(p)
     return dict(sorted(found.items()))
 
@@ -159,11 +155,11 @@ def require_dir(path: Path, key: str = "prepare.root") -> None:
         raise InputError(f"{key}: '{path}' is not an existing folder")
 
 
-ImportOne = Callable[[Path, str, Issues, int, str, int | None, bool], DomainData | None]
+ImportOne = Callable[[Path, str, Issues, int, str, int, int | None, bool], DomainData | None]
 
 
 def import_subfolders(root: Path, import_one: ImportOne, *, kind: str, layout: str, image_size: int, resize: str,
-                      on_error: str, domains: list[str], max_images: int | None,
+                      min_side: int, on_error: str, domains: list[str], max_images: int | None,
                       progress: bool) -> tuple[list[DomainData], list[dict[str, str]]]:
     """Run ``import_one`` on every (or each listed) sub-folder of ``root``, one domain per folder, in sorted order.
 
@@ -181,7 +177,7 @@ def import_subfolders(root: Path, import_one: ImportOne, *, kind: str, layout: s
     issues = Issues(on_error, root)
     out = []
     for name in (sorted(set(domains)) if domains else found):
-        domain = import_one(root, name, issues, image_size, resize, max_images, progress)
+        domain = import_one(root, name, issues, image_size, resize, min_side, max_images, progress)
         if domain is not None:
             out.append(domain)
     return out, issues.skipped

@@ -49,7 +49,7 @@ def load_domains(base: BaseConfig, cfg: PrepareConfig, *, progress: bool = True,
         return generate(cfg.synthetic_domains, cfg.images_per_domain, base.image_size, base.seed), []
     root = resolve_root(cfg.root, cfg.source, cwd)
     common = dict(image_size=base.image_size, resize=cfg.resize, on_error=cfg.on_error, domains=list(cfg.domains),
-                  max_images=cfg.max_images_per_domain, progress=progress)
+                  max_images=cfg.max_images_per_domain, min_side=cfg.min_image_side, progress=progress)
     if cfg.source == "folder":
         from metaseg.data.folder import import_folder
 

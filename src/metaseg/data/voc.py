@@ -37,15 +37,16 @@ def _read_ids(root: Path, image_set: str) -> list[str]:
     return sorted(set(ids))
 
 
-def _load(root: Path, image_id: str, size: int, resize: str) -> tuple[np.ndarray, np.ndarray, bytes, str]:
+def _load(root: Path, image_id: str, size: int, resize: str,
+          min_side: int) -> tuple[np.ndarray, np.ndarray, bytes, str]:
     rel, mask_rel = f"JPEGImages/{image_id}.jpg", f"SegmentationClass/{image_id}.png"
     if not (root / rel).is_file():
         raise BadFile(rel, "missing image")
     if not (root / mask_rel).is_file():
         raise BadFile(rel, f"missing mask {mask_rel}")
     mask = read_mask(root / mask_rel, mask_rel)
-    image, data = read_image(root / rel, rel)
-    check_same_size(image, mask, rel)
+    image, stored, data = read_image(root / rel, rel, size=size, resize=resize, min_side=min_side)
+    check_same_size(stored, mask, rel)
     bad = sorted(set(np.unique(mask).tolist()) - set(range(len(VOC_CLASSES) + 1)) - {IGNORE})
     if bad:
         raise BadFile(mask_rel, f"mask value(s) {bad[:5]} neither a VOC class index (0..20) nor 255 (ignore)")
@@ -58,7 +59,7 @@ def _load(root: Path, image_id: str, size: int, resize: str) -> tuple[np.ndarray
 
 def import_voc(root: Path, *, image_size: int, resize: str, on_error: str, domains: list[str],
                max_images: int | None = None, grouping: str = "per_class", image_set: str = "trainval",
-               progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
+               min_side: int = 1, progress: bool = True) -> tuple[list[DomainData], list[dict[str, str]]]:
     """VOC as 20 one-class domains (per_class) or one 20-class domain 'voc' (single)."""
     require_dir(root)
     known = list(VOC_CLASSES) if grouping == "per_class" else ["voc"]
@@ -77,7 +78,7 @@ def import_voc(root: Path, *, image_size: int, resize: str, on_error: str, domai
         if all(full(b) for b in builders.values()):
             break
         try:
-            image, mask, data, rel = _load(root, image_id, image_size, resize)
+            image, mask, data, rel = _load(root, image_id, image_size, resize, min_side)
         except BadFile as err:
             issues.report(err)
             continue
