@@ -174,3 +174,16 @@ def test_metrics_files_hold_quality_and_timings_are_plain_outputs() -> None:
             for pattern in metrics:
                 timings_out = pattern.removesuffix("metrics.json") + "timings.json"
                 assert outs.get(timings_out) == {"cache": False}, f"{name}: declare {timings_out} (cache: false)"
+
+
+def test_layout_imports_point_one_way() -> None:
+    """models/ builds networks and never imports meta/ (the inner loop and algorithms build on models, not the
+    reverse); the stage scripts import their code plainly (`python -m pipeline.<stage>`), with no sys.path edits."""
+    import ast
+
+    for path in sorted((ROOT / "src/metaseg/models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("metaseg.meta"):
+                raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno}: models/ imports {node.module}")
+    for path in sorted((ROOT / "pipeline").glob("*.py")):
+        assert "sys.path" not in path.read_text(), f"{path.relative_to(ROOT)} edits sys.path"
