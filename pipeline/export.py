@@ -10,7 +10,6 @@ import logging
 import sys
 from pathlib import Path
 
-# This script is itself named "export": put the repo root first so `export` is the package, not this file.
 from export.onnx_export import ExportError, export_adapted, int8_reduce_range
 from metaseg.cli import InputError, run_stage, stage_parser
 from metaseg.config import load_config

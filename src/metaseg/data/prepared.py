@@ -123,9 +123,10 @@ class Domain:
             present[i, np.unique(self.masks[i])] = True
         return present[:, :self.num_classes + 1]
 
-    def images_with_class(self) -> dict[int, np.ndarray]:
-        """class id (1..C) -> sorted indices of the images that contain at least one pixel of it."""
-        present = self.class_presence()
+    def images_with_class(self, present: np.ndarray | None = None) -> dict[int, np.ndarray]:
+        """class id (1..C) -> sorted indices of the images that contain at least one pixel of it (from
+        ``present``, this domain's ``class_presence()``, when the caller already has it)."""
+        present = self.class_presence() if present is None else present
         return {c: np.flatnonzero(present[:, c]) for c in range(1, self.num_classes + 1)}
 
 

@@ -66,11 +66,12 @@ class TrainSampler:
         skipped: list[str] = []
         for name in self.domains:
             d = dataset.domain(name)
-            per_class = d.images_with_class()
+            present = d.class_presence()  # one pass over the masks for both the index and the query candidates
+            per_class = d.images_with_class(present)
             usable = np.array([c for c, idx in per_class.items() if len(idx) >= shots + queries], dtype=np.int64)
             if len(usable) >= ways:
                 self._index[name] = (usable, {int(c): per_class[int(c)] for c in usable})
-                self._present[name] = d.class_presence()
+                self._present[name] = present
             else:
                 skipped.append(f"{name} ({len(usable)} classes with >= {shots + queries} images)")
         if not self._index:
