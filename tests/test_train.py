@@ -56,6 +56,36 @@ def test_resumed_run_reaches_the_same_weights(tmp_path) -> None:
     assert [r.split("\t")[0] for r in val_rows[1:]] == ["0", "2", "4"]
 
 
+def _curves(results: Path) -> dict[str, list[list[str]]]:
+    return {p.stem: [r.split("\t") for r in p.read_text().splitlines()]
+            for p in sorted((results / "plots" / "metrics").glob("*.tsv"))}
+
+
+def test_curves_survive_two_kills_and_dvc_deleting_the_plots(tmp_path) -> None:
+    """Under `dvc repro` a rerun stage starts with its plots deleted: the resumed run's curves still equal the
+    uninterrupted run's, row for row (step_time_s: same steps, its own times)."""
+    import shutil
+
+    prepared, splits = make_fixture(tmp_path)
+    full, _ = _run(tmp_path, prepared, splits, "full")
+    part = tmp_path / "part"
+    for stop in (2, 3):  # the second kill comes after iteration 3, past the checkpoint at 2
+        _, stopped = _run(tmp_path, prepared, splits, "part", stop_after=stop)
+        assert stopped is None
+        shutil.rmtree(part / "results")  # what DVC does to a stage's non-persistent outputs before rerunning it
+    _run(tmp_path, prepared, splits, "part")
+    want, got = _curves(full / "results"), _curves(part / "results")
+    assert set(want) == set(got) >= {"loss", "query_miou", "lr", "val_miou", "step_time_s"}
+    for name in want:
+        if name == "step_time_s":
+            assert [r[0] for r in got[name]] == [r[0] for r in want[name]] == ["step", "1", "2", "3", "4"]
+        else:
+            assert got[name] == want[name], name
+    assert [r[0] for r in want["val_miou"]] == ["step", "0", "2", "4"]
+    assert json.loads((part / "results" / "metrics.json").read_text()) == json.loads(
+        (full / "results" / "metrics.json").read_text())
+
+
 def test_nan_loss_stops_with_one_line_and_writes_nothing(tmp_path, monkeypatch) -> None:
     prepared, splits = make_fixture(tmp_path)
     real, calls = algorithms.FOMAML.step, {"n": 0}

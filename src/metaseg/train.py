@@ -6,11 +6,11 @@ iterations) and ``<checkpoints>/best.pt``, and DVCLive logs in ``<results>``: ``
 and ``plots/metrics/*.tsv`` (loss, query_miou, lr every iteration; val_miou every ``val_every``). Timings stay out
 of the DVCLive summary, which DVC reads as metrics: a completed run writes ``<results>/timings.json``
 (``train_time_s``, ``s_per_step``) and ``plots/metrics/step_time_s.tsv`` itself.
-A resumed run (same config) reproduces the uninterrupted run's weights exactly on CPU.
+A resumed run (same config) reproduces the uninterrupted run's weights exactly on CPU, and its curves: the checkpoint
+carries every row logged so far, so the tsv files are rebuilt even after ``dvc repro`` deleted them.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -92,15 +92,18 @@ def meta_validate(algo: Algorithm, dataset: PreparedDataset, episodes: dict[str,
     return float(np.mean([flat.get(f"mean.{init.algorithm}.shot{k}.miou", math.nan) for k in shots]))
 
 
-def _trim_logs(results: Path, step: int) -> None:
-    """Drop DVCLive rows logged after the checkpoint we resume from (the killed run got further)."""
-    for tsv in (results / "plots" / "metrics").glob("*.tsv"):
-        with open(tsv, newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-        if rows:
-            keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
-            with open(tsv, "w", newline="") as f:
-                csv.writer(f, delimiter="\t").writerows(keep)
+def write_curves(results: Path, curves: dict[str, list[tuple[int, Any]]]) -> None:
+    """Rewrite ``plots/metrics/<name>.tsv`` from the rows a checkpoint carries, in DVCLive's layout, atomically.
+
+    A resumed run starts from these: ``dvc repro`` deletes the stage's plots before it reruns the stage, and a killed
+    run may have logged rows past its last checkpoint, so neither the files on disk nor their absence can be trusted.
+    """
+    folder = results / "plots" / "metrics"
+    for tsv in folder.glob("*.tsv"):
+        if tsv.stem not in curves:
+            tsv.unlink()
+    for name, rows in curves.items():
+        write_text(folder / f"{name}.tsv", "".join(f"{step}\t{value}\n" for step, value in [("step", name), *rows]))
 
 
 def write_step_times(results: Path, step_times: list[float]) -> None:
@@ -150,6 +153,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
     last, best_path = checkpoints / "last.pt", checkpoints / "best.pt"
     start, best, best_it, initial, elapsed = 0, -math.inf, -1, float("nan"), 0.0
     step_times: list[float] = []  # seconds per iteration, index i = iteration i + 1
+    curves: dict[str, list[tuple[int, Any]]] = {}  # every DVCLive row logged so far: {name: [(step, value)]}
     if last.is_file():
         ck = torch.load(last, map_location="cpu", weights_only=False)
         if ck.get("complete"):
@@ -161,21 +165,26 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
             start, best, best_it, initial, elapsed = (ck["iteration"], ck["best"], ck["best_iteration"],
                                                       ck["initial_val_miou"], ck["train_time_s"])
             step_times = list(ck.get("step_times", [math.nan] * start))
+            curves = {k: [tuple(r) for r in v] for k, v in ck.get("curves", {}).items()}
             log.info("resuming %s from %s at iteration %d", algorithm, last, start)
         else:
             log.warning("%s was written with another config; starting a fresh run", last)
     if start == 0:
         best_path.unlink(missing_ok=True)
     (results / TIMINGS).unlink(missing_ok=True)  # written again when this run completes
-    live = Live(dir=str(results), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
     if start > 0:
-        _trim_logs(results, start)
+        write_curves(results, curves)  # the curves up to the checkpoint, whatever DVC or the killed run left
+    live = Live(dir=str(results), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
     # DVCLive step = completed iterations: the initial validation is step 0, iteration i (1-based) is step i
+
+    def log_metric(name: str, value: float) -> None:
+        live.log_metric(name, value)
+        curves.setdefault(name, []).append((live.step, value if math.isfinite(value) else str(value)))
 
     def validate(it: int) -> float:
         nonlocal best, best_it
         miou = meta_validate(algo, dataset, val_eps, settings=settings, device=device, seed=base.seed, **export_kw)
-        live.log_metric("val_miou", miou)
+        log_metric("val_miou", miou)
         if math.isfinite(miou) and miou > best:  # a NaN validation (nothing scored) never picks a checkpoint
             best, best_it = miou, it
             init = init_to_dict(algo.export_init(**export_kw))
@@ -212,7 +221,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
         live.step = it + 1
         step_times.append(dt)
         for k, v in (("loss", m["loss"]), ("query_miou", m["miou"]), ("lr", lr)):
-            live.log_metric(k, v)
+            log_metric(k, v)
         done = it + 1
         if done % cfg.val_every == 0 or done == cfg.iterations:
             val = validate(done)
@@ -223,6 +232,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
                      "torch_rng": torch.get_rng_state(),
                      "iteration": done, "config": config, "best": best, "best_iteration": best_it,
                      "initial_val_miou": initial, "train_time_s": elapsed, "step_times": list(step_times),
+                     "curves": {k: list(v) for k, v in curves.items()},
                      "complete": done == cfg.iterations}
             save_with(last, lambda p: torch.save(state, p))
             start = done
