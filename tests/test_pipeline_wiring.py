@@ -173,7 +173,8 @@ def test_metrics_files_hold_quality_and_timings_are_plain_outputs() -> None:
         if any(_TIMES.search((ROOT / f).read_text(encoding="utf-8")) for f in closure):
             for pattern in metrics:
                 timings_out = pattern.removesuffix("metrics.json") + "timings.json"
-                assert (outs.get(timings_out) or {}).get("cache") is False, f"{name}: declare {timings_out} (cache: false)"
+                declared = outs.get(timings_out) or {}
+                assert declared.get("cache") is False, f"{name}: declare {timings_out} (cache: false)"
 
 
 def test_layout_imports_point_one_way() -> None:
