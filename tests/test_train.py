@@ -215,3 +215,30 @@ def test_stage_rejects_more_shots_than_a_domain_holds_with_one_line(tmp_path) ->
     assert "Traceback" not in proc.stderr and len([ln for ln in lines if ln.startswith("error:")]) == 1
     assert lines[-1].startswith("error: 'train.shots': ") and "at most 4 " in lines[-1]
     assert not out.exists()
+
+
+def test_a_corrupt_checkpoint_is_one_line_not_a_silent_fresh_start(tmp_path) -> None:
+    from metaseg.cli import InputError
+
+    prepared, splits = make_fixture(tmp_path)
+    (tmp_path / "bad" / "ck").mkdir(parents=True)
+    (tmp_path / "bad" / "ck" / "last.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(InputError, match=r"last.pt: not a readable training checkpoint .*delete it") as err:
+        _run(tmp_path, prepared, splits, "bad")
+    assert "\n" not in str(err.value) and not (tmp_path / "bad" / "init.pt").exists()
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog) -> None:
+    """`dvc exp run -S train.outer_lr=...` finds the persistent checkpoint of the previous params: it must start afresh
+    (with a warning), giving exactly the weights of a clean run with the new params."""
+    prepared, splits = make_fixture(tmp_path)
+    other = CFG.model_copy(update={"outer_lr": 3e-4})
+    _, stopped = _run(tmp_path, prepared, splits, "mixed", stop_after=2)
+    assert stopped is None
+    with caplog.at_level("WARNING"):
+        mixed, _ = _run(tmp_path, prepared, splits, "mixed", cfg=other)
+    assert "written with another config; starting a fresh run" in caplog.text
+    clean, _ = _run(tmp_path, prepared, splits, "clean", cfg=other)
+    a = torch.load(mixed / "ck" / "last.pt", weights_only=False)["algorithm"]["model"]
+    b = torch.load(clean / "ck" / "last.pt", weights_only=False)["algorithm"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

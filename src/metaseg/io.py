@@ -71,6 +71,25 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def load_torch(path: str | Path, *, what: str, hint: str = "", weights_only: bool = True,
+               map_location: Any = "cpu") -> Any:
+    """``torch.load`` with the one-line contract: a missing file raises FileNotFoundError, an unreadable one
+    (not a PyTorch file, truncated, another format) InputError; both name the file, ``what`` it should be and
+    ``hint`` (what to do)."""
+    import torch
+
+    from metaseg.cli import InputError
+
+    path, hint = Path(path), f" ({hint})" if hint else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found{hint}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the one-line error
+        reason = (str(err).strip().splitlines() or [""])[0][:120]
+        raise InputError(f"{path}: not a readable {what} ({type(err).__name__}: {reason}){hint}") from None
+
+
 def yaml_problem(err: yaml.YAMLError) -> str:
     """A YAML syntax error on one line, with the line and column DVC's own message gives (1-based):
     ``line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence from line 3, column 15)``."""

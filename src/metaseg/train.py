@@ -29,7 +29,7 @@ from metaseg.data.prepared import PreparedDataset
 from metaseg.data.sampler import EpisodeBatch, TrainSampler, episode_batch
 from metaseg.data.splits import load_episodes, load_splits
 from metaseg.evaluate import evaluate_inits, metrics_dict
-from metaseg.io import TIMINGS, save_with, write_text, write_timings
+from metaseg.io import TIMINGS, load_torch, save_with, write_text, write_timings
 from metaseg.meta.algorithms import Algorithm, make_algorithm
 from metaseg.meta.finetune import init_to_dict
 from metaseg.models.backbones import normalization
@@ -155,7 +155,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
     step_times: list[float] = []  # seconds per iteration, index i = iteration i + 1
     curves: dict[str, list[tuple[int, Any]]] = {}  # every DVCLive row logged so far: {name: [(step, value)]}
     if last.is_file():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = load_torch(last, what="training checkpoint", hint="delete it to start a fresh run", weights_only=False)
         if ck.get("complete"):
             log.info("%s is from a completed run; starting a fresh run", last)
         elif _same_run(ck["config"], config):

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from metaseg.cli import InputError
+from metaseg.io import load_torch
 from metaseg.meta.inner import Params, forward, inner_loop, seg_loss, task_buffers
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import BODY_PREFIX, HEAD_NAMES, build_model, inner_param_names
@@ -68,12 +70,10 @@ def skeleton(init: TrainedInit, device: torch.device | str) -> nn.Module:
 
 def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedInit:
     """Read ``models/train/<alg>.pt`` (written by ``metaseg.train``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: trained init not found (run the train stage first)")
-    obj = torch.load(path, map_location=device, weights_only=False)
+    obj = load_torch(path, what="trained init", hint="run the train stage first", weights_only=False,
+                     map_location=device)
     if not isinstance(obj, dict) or "params" not in obj or "algorithm" not in obj:
-        raise ValueError(f"{path}: not a metaseg trained init (expected a dict with 'algorithm' and 'params')")
+        raise InputError(f"{path}: not a metaseg trained init (expected a dict with 'algorithm' and 'params')")
     return TrainedInit(algorithm=obj["algorithm"], backbone=obj["backbone"], image_size=int(obj["image_size"]),
                        params=obj["params"], buffers=obj["buffers"], inner_lr=float(obj["inner_lr"]),
                        inner_lrs=obj.get("inner_lrs"), adapt_names=obj.get("adapt_names"),

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaseg.io import save_with
+from metaseg.cli import InputError
+from metaseg.io import load_torch, save_with
 from metaseg.models.backbones import BACKBONES, LITE, lite_deeplab_body
 
 _BUILDERS = {
@@ -73,7 +74,9 @@ def save_adapted(path: str | Path, state_dict: dict[str, torch.Tensor], *, backb
 
 def load_adapted(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the adapted model (eval mode) from its file; returns (model, metadata without the weights)."""
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    obj = load_torch(path, what="adapted model", hint="run the adapt stage first", map_location=map_location)
+    if not isinstance(obj, dict) or not {"arch", "state_dict"} <= set(obj):
+        raise InputError(f"{path}: not a metaseg adapted model (expected a dict with 'arch' and 'state_dict')")
     arch = obj["arch"]
     model = plain_deeplab(arch["backbone"], arch["num_classes"], aux_loss=False,
                           output_stride=int(arch.get("output_stride", 16)), body_stage=arch.get("body_stage"))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaseg.io import load_torch
 from metaseg.models.adapted import plain_deeplab
 from metaseg.models.backbones import (IMAGENET, LITE, efficientnet_lite, lite_imagenet_state_dict, map_in_order,
                                       torchvision_weights_file)
@@ -98,12 +99,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, backbone: str | No
     For an EfficientNet-Lite ``backbone`` a file in the efficientnet_pytorch layout (``_conv_stem...``) is mapped in
     order onto torchvision's names, as the packaged ImageNet weights are."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the one-line error
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__})") from None
+    raw = load_torch(path, what="PyTorch checkpoint of backbone weights", hint="model.backbone_weights")
     if backbone in LITE and isinstance(raw, dict) and any(k.startswith("_conv_stem") for k in raw):
         raw = map_in_order(raw, efficientnet_lite(backbone).state_dict(), what=f"{path.name} -> {backbone}")
     load_backbone_state(model, _backbone_state(raw, path), str(path))
