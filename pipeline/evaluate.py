@@ -16,7 +16,7 @@ from metaseg.cli import choose_device, run_stage, stage_parser
 from metaseg.config import load_config
 from metaseg.data.prepared import PreparedDataset
 from metaseg.data.splits import load_episodes, load_splits
-from metaseg.evaluate import evaluate_inits, load_inits
+from metaseg.evaluate import evaluate_inits, load_inits, meta_val_budget
 from metaseg.report import write_outputs
 
 log = logging.getLogger("evaluate")
@@ -35,15 +35,20 @@ def main(args: argparse.Namespace) -> None:
     algorithms = list(cfg["train"].algorithms)
     inits = load_inits(Path(args.models), algorithms, list(ev.inits), device, model=cfg["model"], train=cfg["train"],
                        image_size=dataset.image_size, scratch_lr=cfg["adapt"].scratch_lr, seed=base.seed)
+    settings = AdaptSettings.from_config(cfg["adapt"])
     result = evaluate_inits(dataset, episodes, inits, domains=domains, shots=shots,
-                            settings=AdaptSettings.from_config(cfg["adapt"]), device=device, seed=base.seed,
+                            settings=settings, device=device, seed=base.seed,
                             ci=ev.ci, bootstrap_samples=ev.bootstrap_samples, overlay_images=ev.overlay_images,
                             workers=ev.workers)
+    budget = None if not ev.budget_episodes else meta_val_budget(
+        dataset, episodes, inits, result, val_domains=list(splits["meta_val"]), shots=shots, n=ev.budget_episodes,
+        settings=settings, device=device, seed=base.seed, ci=ev.ci, bootstrap_samples=ev.bootstrap_samples,
+        workers=ev.workers)
     meta_algs = [a for a in algorithms if a != "transfer"]
     meta_val = {a: float(inits[a].extras.get("val_miou", float("nan"))) for a in meta_algs}  # train's choice score
     metrics = write_outputs(result, Path(args.results), domains=domains, shots=shots, inits=list(inits),
                             meta_algs=meta_algs, meta_val=meta_val, no_adapt=ev.no_adapt, ci=ev.ci,
-                            bootstrap_samples=ev.bootstrap_samples, seed=base.seed)
+                            bootstrap_samples=ev.bootstrap_samples, seed=base.seed, budget=budget)
     log.info("wrote %s (%d metrics)", args.results, len(metrics))
 
 

@@ -190,3 +190,30 @@ def test_evaluate_scores_full_network_metasgd_and_protonet_inits(ws: Path, tmp_p
             assert zero[-1].per_episode == zero[0].per_episode  # no step taken: the rates are the learned ones
     learned = [result.curves[(d, "metasgd", k)] for d in TEST_DOMAINS for k in SHOTS]
     assert any(c[-1].per_episode != c[0].per_episode for c in learned)  # while the learned rates do move it
+
+
+def test_step_budget_comes_from_meta_val_and_the_report_shows_it(ws: Path) -> None:
+    """The stage scores the meta-val episodes too and reports each init after the step count meta-val preferred:
+    the steps equal an independent meta-val run's argmax, the score equals the meta-test curve at that step."""
+    from metaseg.evaluate import choose_budget
+
+    m = read_json(ws / "results/evaluate/metrics.json")
+    episodes = load_episodes(ws / "data/splits/episodes.json")
+    inits = {a: finetune.load_init(ws / f"models/train/{a}.pt") for a in ALGORITHMS}
+    from metaseg.config import AdaptConfig
+
+    kw = {"shots": SHOTS, "settings": AdaptSettings.from_config(AdaptConfig(steps=STEPS)),
+          "device": torch.device("cpu"), "seed": SEED, "progress": False}
+    val_eps = {"desert": {k: episodes["desert"][k][:5] for k in SHOTS}}
+    val = evaluate_inits(PreparedDataset(ws / "data/prepared"), val_eps, inits, domains=["desert"], **kw)
+    with open(ws / "results/evaluate/plots/curve.csv", encoding="utf-8") as f:
+        curve = {(r["init"], int(r["shot"]), int(r["step"])): float(r["miou"]) for r in csv.DictReader(f)}
+    budget = choose_budget(val, val, val_domains=["desert"], shots=SHOTS)
+    for a in ALGORITHMS:
+        for k in SHOTS:
+            steps = int(m[f"budget.{a}.shot{k}.steps"])
+            assert steps == budget.steps[(a, k)], (a, k)
+            assert m[f"budget.mean.{a}.shot{k}.miou"] == pytest.approx(curve[(a, k, steps)], abs=1e-3)
+    report = (ws / "results/evaluate/report.md").read_text(encoding="utf-8")
+    assert "## At the step budget chosen on meta-val" in report and "| fomaml | 1 |" in report
+    assert "budget.claim.delta_points" in m

@@ -55,3 +55,31 @@ def test_imagenet_baseline_is_claimed_against_too_and_no_meta_val_score_refuses(
     assert "`fomaml` vs `imagenet`" in text and m["claim.imagenet.delta_points"] == round(11.0, 4)
     text, m = _claim(result, {"fomaml": float("nan")})
     assert "not possible" in text and m == {}
+
+
+def _curves(per_step: dict[tuple[str, str], list[float]], steps: int = 3) -> EvalResult:
+    """An EvalResult whose curve for (domain, init) has the given mIoU at steps 0..steps (every step on the grid)."""
+    def scores(m: float) -> Scores:
+        return Scores(miou=m, fbiou=m, class_iou={1: m}, episode=Interval(m, m, m, 2, "t"), episodes=2,
+                      per_episode=(m, m))
+
+    return EvalResult(curves={(d, i, 1): [scores(m) for m in ms] for (d, i), ms in per_step.items()}, overlays={},
+                      speed={}, steps=steps)
+
+
+def test_budget_is_chosen_on_meta_val_and_read_on_meta_test() -> None:
+    """Each init's step count is the meta-val argmax (mean over meta-val domains, ties to fewer steps); the meta-test
+    score reported for it is the test curve at that step, however the test curve looks."""
+    from metaseg.evaluate import budget_metrics, choose_budget
+
+    val = _curves({("v1", "a"): [.1, .5, .5, .2], ("v2", "a"): [.1, .3, .3, .2],  # a: tie at 1 and 2 -> 1 step
+                   ("v1", "b"): [.6, .2, .2, .2], ("v2", "b"): [.4, .2, .2, .2],  # b: adapting hurts -> 0 steps
+                   ("v1", "c"): [.1, np.nan, .2, .3], ("v2", "c"): [.1, np.nan, .2, .3]})  # c: NaN never wins
+    test = _curves({(DOMAIN, "a"): [.0, .1, .9, .9], (DOMAIN, "b"): [.0, .8, .8, .8], (DOMAIN, "c"): [.0, .0, .0, .7]})
+    b = choose_budget(val, test, val_domains=["v1", "v2"], shots=[1])
+    assert b.steps == {("a", 1): 1, ("b", 1): 0, ("c", 1): 3}
+    assert b.val_miou[("a", 1)] == 40.0 and b.val_miou[("b", 1)] == 50.0
+    assert [b.result.final(DOMAIN, i, 1).miou for i in "abc"] == [.1, .0, .7]  # the test curve at the chosen step
+    m = budget_metrics(b, domains=[DOMAIN], shots=[1])
+    assert m["budget.a.shot1.steps"] == 1 and m["budget.mean.a.shot1.miou"] == 10.0
+    assert test.final(DOMAIN, "a", 1).miou == .9  # the fixed-budget result is left as it was

@@ -185,6 +185,8 @@ class EvaluateConfig(_Section):
     overlay_images: int = Field(4, ge=0)  # query images per domain in the prediction-overlay PNG grid
     max_episodes: int | None = Field(None, ge=2)  # use the first N stored episodes per domain and K (null = all)
     workers: int = Field(2, ge=1)  # CPU: processes evaluating (domain, K) units side by side (CUDA: always 1)
+    budget_episodes: int = Field(5, ge=0)  # meta-val episodes per domain and K that choose each init's step budget
+    # (report section "at the step budget chosen on meta-val"); 0 = off
 
 
 Precision = Literal["fp32", "fp16", "int8"]

@@ -21,7 +21,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +308,59 @@ def metrics_dict(result: EvalResult, *, domains: list[str], shots: list[int], no
                     out[f"{key}.diverged"] = float(result.diverged.get((d, init, k), 0))
             out[f"mean.{init}.shot{k}.miou"] = round(100 * float(np.mean([s.miou for s in per_domain])), 4)
             out[f"mean.{init}.shot{k}.fbiou"] = round(100 * float(np.mean([s.fbiou for s in per_domain])), 4)
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Each init's step budget chosen on the meta-val episodes, and the meta-test result at that budget.
+
+    ``steps[(init, K)]`` = the curve step with the highest meta-val mIoU (mean over the meta-val domains; ties go to
+    fewer steps); ``val_miou[(init, K)]`` = that mIoU in percent; ``result`` = the meta-test result cut at those
+    steps, so ``result.final`` is each init's score after its own budget. Early stopping chosen where it is
+    allowed to be chosen: the test episodes never pick the step count.
+    """
+
+    steps: dict[tuple[str, int], int]
+    val_miou: dict[tuple[str, int], float]
+    result: EvalResult
+    episodes: int  # meta-val episodes per domain and K the choice was made on
+
+
+def choose_budget(val: EvalResult, test: EvalResult, *, val_domains: list[str], shots: list[int]) -> Budget:
+    """``Budget`` from a meta-val and a meta-test ``evaluate_inits`` run of the same inits and adapt settings."""
+    if val.curve_steps != test.curve_steps:
+        raise ValueError(f"meta-val and meta-test curves differ in steps: {val.curve_steps} vs {test.curve_steps}")
+    grid, steps, val_miou = val.curve_steps, {}, {}
+    for init in init_names(val, no_adapt=False):
+        for k in shots:
+            per_step = [float(np.mean([val.curves[(d, init, k)][i].miou for d in val_domains]))
+                        for i in range(len(grid))]
+            best = max(range(len(grid)), key=lambda i: (per_step[i] if np.isfinite(per_step[i]) else -np.inf, -i))
+            steps[(init, k)], val_miou[(init, k)] = grid[best], round(100 * per_step[best], 4)
+    cut = {(d, init, k): scores[:grid.index(steps[(init, k)]) + 1] for (d, init, k), scores in test.curves.items()}
+    n = min((len(val.curves[(d, i, k)][0].per_episode) for (d, i, k) in val.curves), default=0)
+    return Budget(steps=steps, val_miou=val_miou, result=replace(test, curves=cut), episodes=n)
+
+
+def meta_val_budget(dataset: PreparedDataset, episodes: dict[str, dict[int, list[Episode]]],
+                    inits: dict[str, finetune.TrainedInit], test: EvalResult, *, val_domains: list[str],
+                    shots: list[int], n: int, **evaluate_kw: Any) -> Budget:
+    """Run the inits with the same rule on the first ``n`` stored episodes of each meta-val domain and K, and choose
+    each init's step budget there (``choose_budget``)."""
+    val_eps = {d: {k: eps[:n] for k, eps in episodes.get(d, {}).items()} for d in val_domains}
+    val = evaluate_inits(dataset, val_eps, inits, domains=val_domains, shots=shots, **evaluate_kw)
+    return choose_budget(val, test, val_domains=val_domains, shots=shots)
+
+
+def budget_metrics(budget: Budget, *, domains: list[str], shots: list[int]) -> dict[str, float]:
+    """``budget.<init>.shot<K>.{steps,val_miou}`` and ``budget.mean.<init>.shot<K>.{miou,fbiou}`` (meta-test)."""
+    out: dict[str, float] = {}
+    for (init, k), s in budget.steps.items():
+        out[f"budget.{init}.shot{k}.steps"] = float(s)
+        out[f"budget.{init}.shot{k}.val_miou"] = budget.val_miou[(init, k)]
+    mean = metrics_dict(budget.result, domains=domains, shots=shots, no_adapt=False)
+    out.update({f"budget.{key}": v for key, v in mean.items() if key.startswith("mean.")})
     return {k: v for k, v in out.items() if np.isfinite(v)}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from metaseg.adapt import IMAGENET_INIT
 from metaseg.data.prepared import IGNORE
-from metaseg.evaluate import NOADAPT, EvalResult, Overlay
+from metaseg.evaluate import NOADAPT, Budget, EvalResult, Overlay
 from metaseg.scoring import Interval, mean_ci
 from metaseg.io import atomic_path, write_text
 from metaseg.overlay import blend
@@ -97,6 +97,13 @@ def write_overlays(overlays: list[Overlay], path: Path, *, columns: dict[str, st
 def _pooled(result: EvalResult, domains: list[str], init: str, k: int) -> np.ndarray:
     """Per-episode mIoU of every domain's episodes, concatenated (NaN = episode with nothing to score)."""
     return np.concatenate([np.asarray(result.final(d, init, k).per_episode) for d in domains])
+
+
+def _pooled_ci(result: EvalResult, domains: list[str], init: str, k: int, ci_kw: dict[str, object]) -> Interval:
+    """The mean row's CI: per-episode mIoU of all domains pooled (episodes with nothing to score left out)."""
+    vals = _pooled(result, domains, init, k)
+    vals = vals[~np.isnan(vals)]
+    return mean_ci(vals, **ci_kw) if len(vals) else Interval(np.nan, np.nan, np.nan, 0, "t")  # type: ignore[arg-type]
 
 
 def _fmt(iv: Interval) -> str:
@@ -178,6 +185,35 @@ def report_markdown(result: EvalResult, *, domains: list[str], shots: list[int],
     return "\n".join(lines), claim_metrics
 
 
+def budget_markdown(budget: Budget, fixed: EvalResult, *, domains: list[str], shots: list[int], inits: list[str],
+                    meta_algs: list[str], ci: str = "t", bootstrap_samples: int = 1000,
+                    seed: int = 0) -> tuple[str, dict[str, float]]:
+    """The report section "at the step budget chosen on meta-val" and its claim metrics (``budget.claim*``)."""
+    kw = {"method": ci, "bootstrap_samples": bootstrap_samples, "seed": seed}
+    k_claim = 1 if 1 in shots else min(shots)
+    lines = ["## At the step budget chosen on meta-val", "",
+             f"Each init after the number of adaptation steps (0 to {fixed.steps}, on the curve's grid) that scored "
+             f"best on the meta-val episodes ({budget.episodes} per domain and K), per init and K; the test episodes "
+             f"never choose it. Mean over the meta-test domains, per-episode 95% CI pooled.", "",
+             f"| init | K | steps (meta-val) | meta-val mIoU | meta-test mIoU | after {fixed.steps} steps |",
+             "|---|---|---|---|---|---|"]
+    for init in inits:
+        for k in shots:
+            if (init, k) not in budget.steps:
+                continue
+            iv = _pooled_ci(budget.result, domains, init, k, kw)
+            at = float(np.mean([budget.result.final(d, init, k).miou for d in domains]))
+            full = float(np.mean([fixed.final(d, init, k).miou for d in domains]))
+            lines.append(f"| {init} | {k} | {budget.steps[(init, k)]} | {budget.val_miou[(init, k)]:.1f} | "
+                         f"{100 * at:.1f} ({_fmt(iv)}) | {100 * full:.1f} |")
+    meta_val = {a: budget.val_miou[(a, k_claim)] for a in meta_algs if (a, k_claim) in budget.steps}
+    claim, metrics = claim_check(budget.result, domains=domains, shots=shots, meta_algs=meta_algs,
+                                 meta_val=meta_val, **{"ci": ci, "bootstrap_samples": bootstrap_samples,
+                                                       "seed": seed})
+    lines += ["", claim.replace("by meta-val score", f"by meta-val score at its {k_claim}-shot budget"), ""]
+    return "\n".join(lines), {f"budget.{key}": v for key, v in metrics.items()}
+
+
 def _table(result: EvalResult, domains: list[str], shots: list[int], inits: list[str],
            ci_kw: dict[str, object]) -> list[str]:
     out = ["| domain | K | " + " | ".join(inits) + " | winner | CI vs runner-up |",
@@ -189,9 +225,7 @@ def _table(result: EvalResult, domains: list[str], shots: list[int], inits: list
             for i in inits:
                 if d == "mean":
                     miou[i] = float(np.mean([result.final(x, i, k).miou for x in domains]))
-                    vals = _pooled(result, domains, i, k)
-                    vals = vals[~np.isnan(vals)]
-                    ivs[i] = mean_ci(vals, **ci_kw) if len(vals) else Interval(np.nan, np.nan, np.nan, 0, "t")  # type: ignore[arg-type]
+                    ivs[i] = _pooled_ci(result, domains, i, k, ci_kw)
                 else:
                     s = result.final(d, i, k)
                     miou[i], ivs[i] = s.miou, s.episode
@@ -214,9 +248,10 @@ def write_report(path: Path, text: str) -> None:
 
 def write_outputs(result: EvalResult, out: Path, *, domains: list[str], shots: list[int], inits: list[str],
                   meta_algs: list[str], meta_val: dict[str, float], no_adapt: bool, ci: str, bootstrap_samples: int,
-                  seed: int) -> dict[str, float]:
-    """metrics.json, timings.json, report.md and plots/ (swapped in whole) under ``out``; returns the metrics."""
-    from metaseg.evaluate import metrics_dict, timings_dict
+                  seed: int, budget: Budget | None = None) -> dict[str, float]:
+    """metrics.json, timings.json, report.md and plots/ (swapped in whole) under ``out``; returns the metrics.
+    ``budget``: also the section and metrics at each init's step budget chosen on meta-val."""
+    from metaseg.evaluate import budget_metrics, metrics_dict, timings_dict
     from metaseg.io import atomic_dir, write_json, write_timings
 
     metrics = metrics_dict(result, domains=domains, shots=shots, no_adapt=no_adapt)
@@ -224,6 +259,13 @@ def write_outputs(result: EvalResult, out: Path, *, domains: list[str], shots: l
                                   meta_val=meta_val, no_adapt=no_adapt, ci=ci, bootstrap_samples=bootstrap_samples,
                                   seed=seed)
     metrics.update(claim)
+    if budget is not None:
+        section, budget_claim = budget_markdown(budget, result, domains=domains, shots=shots, inits=inits,
+                                                meta_algs=meta_algs, ci=ci, bootstrap_samples=bootstrap_samples,
+                                                seed=seed)
+        text = text.rstrip("\n") + "\n\n" + section
+        metrics.update(budget_metrics(budget, domains=domains, shots=shots))
+        metrics.update(budget_claim)
     with atomic_dir(out / "plots") as plots:
         write_plot_data(result, plots, domains=domains, shots=shots, inits=inits)
         for d in domains:
