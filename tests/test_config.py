@@ -51,6 +51,8 @@ def test_config_objects_are_frozen() -> None:
         ("model", {"backbone_weights": None}, "bn_stats 'pretrained' needs pre-trained backbone statistics"),
         ("model", {"bn_stats": "batch"}, "model.bn_stats"),
         ("train", {"inner_params": "body"}, "train.inner_params"),
+        ("train", {"nproc": 2, "nnodes": 2, "meta_batch": 3}, "4 processes but meta_batch = 3 tasks"),
+        ("train", {"nproc": 0}, "train.nproc"),
         ("evaluate", {"inits": ["scratch", "imagnet"]}, "evaluate.inits"),
     ],
 )

@@ -161,6 +161,18 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(20, ge=1)  # atomic checkpoint every N iterations (resume after interruption)
     amp: Literal["bf16", "fp16", "off"] = "bf16"  # CUDA only
     channels_last: bool = True  # CUDA only
+    nproc: int = Field(1, ge=1)  # processes per machine (one per GPU); > 1: the stage relaunches itself under torchrun,
+    # each process takes a share of the meta-batch's tasks and the meta-gradient is averaged over all of them
+    nnodes: int = Field(1, ge=1)  # machines; > 1: start one torchrun per machine (README, "Several GPUs or machines")
+    timeout_s: float = Field(1800, gt=0)  # several processes: how long one waits for the others (a collective, or
+    # rank 0's meta-validation) before the run stops with an error; must exceed one meta-validation
+
+    @model_validator(mode="after")
+    def _a_task_per_process(self) -> TrainConfig:
+        if self.nproc * self.nnodes > self.meta_batch:
+            raise ValueError(f"nproc x nnodes = {self.nproc * self.nnodes} processes but meta_batch = "
+                             f"{self.meta_batch} tasks: each process needs at least one task per step")
+        return self
 
 
 class AdaptConfig(_Section):

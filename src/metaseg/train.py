@@ -8,6 +8,12 @@ of the DVCLive summary, which DVC reads as metrics: a completed run writes ``<re
 (``train_time_s``, ``s_per_step``) and ``plots/metrics/step_time_s.tsv`` itself.
 A resumed run (same config) reproduces the uninterrupted run's weights exactly on CPU, and its curves: the checkpoint
 carries every row logged so far, so the tsv files are rebuilt even after ``dvc repro`` deleted them.
+
+Several processes (``train.nproc`` x ``train.nnodes``, launched by torchrun; ``metaseg.distributed``): every
+process draws the whole meta-batch from the same seeded sampler and builds only its share of the tasks; the
+algorithm averages the meta-gradient over processes (``Algorithm._outer_update``), so every process holds the
+same weights. Rank 0 alone meta-validates and writes checkpoints, DVCLive logs and outputs (the others go on to
+the next step and wait for it in the all-reduce); a resume reads rank 0's checkpoint and sends it to all.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from metaseg import distributed
 from metaseg.adapt import AdaptSettings
 from metaseg.cli import InputError, choose_device
 from metaseg.config import AdaptConfig, BaseConfig, ModelConfig, TrainConfig
@@ -37,7 +45,7 @@ from metaseg.models.deeplab import build_model
 
 log = logging.getLogger(__name__)
 
-_RESUME_IGNORES = {"algorithms", "checkpoint_every", "val_every", "val_episodes"}  # do not change the trajectory
+_RESUME_IGNORES = {"algorithms", "checkpoint_every", "val_every", "val_episodes", "timeout_s"}  # keep the trajectory
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,19 +120,33 @@ def write_step_times(results: Path, step_times: list[float]) -> None:
     write_text(results / "plots" / "metrics" / "step_time_s.tsv", "\n".join(["step\tstep_time_s", *rows]) + "\n")
 
 
+def _seed_rank_rng(saved: Tensor | list[Tensor] | None, *, rank: int, seed: int) -> None:
+    """This process's torch RNG (dropout in transfer's train-mode forward): the saved state of its rank when the
+    checkpoint holds one, else rank 0 keeps the single-process stream and rank r > 0 starts its own."""
+    states = [saved] if isinstance(saved, Tensor) else saved or []
+    if rank < len(states):
+        torch.set_rng_state(states[rank])
+    elif rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
 def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str | Path, checkpoints: str | Path,
           results: str | Path, base: BaseConfig, model_cfg: ModelConfig, cfg: TrainConfig, adapt_cfg: AdaptConfig,
           stop_after: int | None = None) -> dict[str, float] | None:
-    """Train; returns the flat metrics (None when ``stop_after`` iterations ended the run early)."""
+    """Train; returns the flat metrics on rank 0 (None when ``stop_after`` iterations ended the run early, and on
+    the other processes of a torchrun launch)."""
     from dvclive import Live
     from tqdm import tqdm
 
     from metaseg.data.augment import build_augment
 
     prepared, splits, out, checkpoints, results = map(Path, (prepared, splits, out, checkpoints, results))
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0  # the one process that validates and writes
     device = torch.device(choose_device(base.device))
     cuda = device.type == "cuda"
     if cuda:
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this process's GPU (LOCAL_RANK)
         torch.backends.cudnn.benchmark = True
     config = run_config(algorithm, base, model_cfg, cfg, adapt_cfg)
     dataset = PreparedDataset(prepared)
@@ -154,14 +176,18 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
     start, best, best_it, initial, elapsed = 0, -math.inf, -1, float("nan"), 0.0
     step_times: list[float] = []  # seconds per iteration, index i = iteration i + 1
     curves: dict[str, list[tuple[int, Any]]] = {}  # every DVCLive row logged so far: {name: [(step, value)]}
-    if last.is_file():
-        ck = load_torch(last, what="training checkpoint", hint="delete it to start a fresh run", weights_only=False)
+    # rank 0 reads the checkpoint and sends it to every process: all resume alike, other nodes need no copy
+    ck = distributed.broadcast_object(
+        load_torch(last, what="training checkpoint", hint="delete it to start a fresh run", weights_only=False)
+        if main and last.is_file() else None)
+    rng = None
+    if ck is not None:
         if ck.get("complete"):
             log.info("%s is from a completed run; starting a fresh run", last)
         elif _same_run(ck["config"], config):
             algo.load_state_dict(ck["algorithm"])
             sampler.load_state_dict(ck["sampler"])
-            torch.set_rng_state(ck["torch_rng"])
+            rng = ck["torch_rng"]
             start, best, best_it, initial, elapsed = (ck["iteration"], ck["best"], ck["best_iteration"],
                                                       ck["initial_val_miou"], ck["train_time_s"])
             step_times = list(ck.get("step_times", [math.nan] * start))
@@ -169,19 +195,25 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
             log.info("resuming %s from %s at iteration %d", algorithm, last, start)
         else:
             log.warning("%s was written with another config; starting a fresh run", last)
-    if start == 0:
-        best_path.unlink(missing_ok=True)
-    (results / TIMINGS).unlink(missing_ok=True)  # written again when this run completes
-    if start > 0:
-        write_curves(results, curves)  # the curves up to the checkpoint, whatever DVC or the killed run left
-    live = Live(dir=str(results), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
+    del ck
+    _seed_rank_rng(rng, rank=rank, seed=base.seed)
+    # identical starting weights on every process whatever happened above (as DistributedDataParallel does)
+    distributed.broadcast_tensors([*model.parameters(), *model.buffers(), *algo.extra_parameters().values()])
+    live = None
+    if main:
+        if start == 0:
+            best_path.unlink(missing_ok=True)
+        (results / TIMINGS).unlink(missing_ok=True)  # written again when this run completes
+        if start > 0:
+            write_curves(results, curves)  # the curves up to the checkpoint, whatever DVC or the killed run left
+        live = Live(dir=str(results), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
     # DVCLive step = completed iterations: the initial validation is step 0, iteration i (1-based) is step i
 
-    def log_metric(name: str, value: float) -> None:
+    def log_metric(name: str, value: float) -> None:  # rank 0 only
         live.log_metric(name, value)
         curves.setdefault(name, []).append((live.step, value if math.isfinite(value) else str(value)))
 
-    def validate(it: int) -> float:
+    def validate(it: int) -> float:  # rank 0 only
         nonlocal best, best_it
         miou = meta_validate(algo, dataset, val_eps, settings=settings, device=device, seed=base.seed, **export_kw)
         log_metric("val_miou", miou)
@@ -191,17 +223,19 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
             save_with(best_path, lambda p: torch.save({**init, "config": config, "iteration": it, "val_miou": miou}, p))
         return miou
 
-    if start == 0:
+    if start == 0 and live is not None:
         live.step = 0
         initial = validate(0)
         live.next_step()
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"train {algorithm}")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"train {algorithm}",
+               disable=not main)
     val = float("nan")
     for it in bar:
         t0 = time.perf_counter()
         tasks: list[EpisodeBatch] = []
-        for _ in range(cfg.meta_batch):
-            ep, seed = sampler.sample_seeded()
+        # every process draws the whole meta-batch (same sampler state everywhere) and builds its share of it
+        drawn = [sampler.sample_seeded() for _ in range(cfg.meta_batch)]
+        for ep, seed in distributed.share(drawn, rank, world):
             if algorithm == "transfer":  # supervised on the same images: every class of the domain is foreground
                 ep = replace(ep, class_ids=all_classes(dataset, ep.domain))
             b = episode_batch(dataset.domain(ep.domain), ep, norm=norm, augment=augment, seed=seed).to(
@@ -218,29 +252,35 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
                                    f"without writing; last good checkpoint: {good}")
         dt = time.perf_counter() - t0
         elapsed += dt
-        live.step = it + 1
         step_times.append(dt)
-        for k, v in (("loss", m["loss"]), ("query_miou", m["miou"]), ("lr", lr)):
-            log_metric(k, v)
         done = it + 1
-        if done % cfg.val_every == 0 or done == cfg.iterations:
-            val = validate(done)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", miou=f"{m['miou']:.3f}", val=f"{val:.3f}")
-        live.next_step()
+        if live is not None:
+            live.step = done
+            for k, v in (("loss", m["loss"]), ("query_miou", m["miou"]), ("lr", lr)):
+                log_metric(k, v)
+            if done % cfg.val_every == 0 or done == cfg.iterations:
+                val = validate(done)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", miou=f"{m['miou']:.3f}", val=f"{val:.3f}")
+            live.next_step()
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            state = {"algorithm": algo.state_dict(), "sampler": sampler.state_dict(),
-                     "torch_rng": torch.get_rng_state(),
-                     "iteration": done, "config": config, "best": best, "best_iteration": best_it,
-                     "initial_val_miou": initial, "train_time_s": elapsed, "step_times": list(step_times),
-                     "curves": {k: list(v) for k, v in curves.items()},
-                     "complete": done == cfg.iterations}
-            save_with(last, lambda p: torch.save(state, p))
+            rngs = distributed.gather_objects(torch.get_rng_state())  # every process's, for a bit-exact resume
+            if main:
+                state = {"algorithm": algo.state_dict(), "sampler": sampler.state_dict(),
+                         "torch_rng": rngs[0] if world == 1 else rngs,
+                         "iteration": done, "config": config, "best": best, "best_iteration": best_it,
+                         "initial_val_miou": initial, "train_time_s": elapsed, "step_times": list(step_times),
+                         "curves": {k: list(v) for k, v in curves.items()},
+                         "complete": done == cfg.iterations}
+                save_with(last, lambda p: torch.save(state, p))
             start = done
         if stop_after is not None and done >= stop_after and done < cfg.iterations:
-            live.end()
+            if live is not None:
+                live.end()
             log.info("stopping after iteration %d (stop_after)", done)
             return None
     bar.close()
+    if live is None:
+        return None
     if not best_path.is_file():  # every validation was NaN: ship the last iteration, not the untrained init
         log.warning("%s: no meta-validation produced a score (all NaN); keeping the last iteration (%d)", algorithm,
                     cfg.iterations)

@@ -10,6 +10,11 @@ metasgd   learned per-element inner rates (second order)  anil     inner loop on
 reptile   outer step = interpolation towards the support-adapted   body features), second order
           weights: theta += eps * (mean adapted - theta)  protonet cosine prototypes x learned scale, no inner loop
 transfer  plain supervised training (train-mode BN) on the tasks' pooled images, labels binarised (fg = any class)
+
+Several processes (torchrun, ``metaseg.distributed``): each process's ``step`` gets its share of the meta-batch,
+and every ``step`` ends in ``Algorithm._outer_update``, the one place where the meta-gradient is averaged over
+processes before the outer step. A new algorithm that leaves its (pseudo-)gradient in ``.grad`` and ends its
+``step`` there runs on several processes as it is.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaseg import distributed
 from metaseg.config import ALGORITHMS  # the one list of algorithm names (re-exported)
 from metaseg.scoring import iou_of_labels
 from metaseg.meta.finetune import TrainedInit
@@ -57,6 +63,7 @@ class Algorithm:
     name = "base"
     create_graph = False
     adapt_names: set[str] | None = None
+    updates_buffers = False  # train-mode BN moves the stored running statistics (transfer); meta-learners never do
 
     def __init__(self, model: nn.Module, *, inner_steps: int = 2, inner_lr: float = 1e-3, outer_lr: float = 1e-3,
                  outer_optimizer: str = "adam", weight_decay: float = 0.0, schedule: str = "constant",
@@ -148,11 +155,26 @@ class Algorithm:
             self.scaler.scale(loss / len(tasks)).backward()
             losses.append(float(loss.detach()))
             mious.append(miou)
+        return self._outer_update(losses, mious)
+
+    def _outer_update(self, losses: list[float], mious: list[float]) -> dict[str, float]:
+        """The end of every ``step``: the meta-gradient averaged over processes, clipped, the outer step taken.
+
+        On entry ``.grad`` of ``meta_parameters()`` holds this process's mean over its ``len(losses)`` tasks (scaled
+        by ``self.scaler``). Under torchrun ``distributed.average_grads`` makes it the mean over every process's
+        tasks, weighted by their counts: the single-process mean over the whole meta-batch, uneven shares
+        included, so every process clips and steps identically. In one process it is a no-op. Returns the
+        meta-batch's mean loss and query mIoU (NaN mIoUs left out), over all processes."""
+        distributed.average_grads(self.meta_parameters(), len(losses))
+        if self.updates_buffers:
+            distributed.average_buffers(self.model.buffers(), len(losses))
         self._clip_outer()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return {"loss": sum(losses) / len(losses), "miou": _nanmean(mious)}
+        scored = [v for v in mious if not math.isnan(v)]
+        loss_sum, n, miou_sum, n_scored = distributed.world_sum([sum(losses), len(losses), sum(scored), len(scored)])
+        return {"loss": loss_sum / n, "miou": miou_sum / n_scored if n_scored else float("nan")}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -179,11 +201,6 @@ class Algorithm:
                            extras={"aux_weight": self.aux_weight, "dice_weight": self.dice_weight,
                                    "inner_clip": self.inner_clip, "class_balance": self.class_balance,
                                    "mean": list(mean), "std": list(std), **extras})
-
-
-def _nanmean(values: list[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 class MAML(Algorithm):
@@ -301,12 +318,9 @@ class Reptile(Algorithm):
                 if k in HEAD_NAMES:
                     v = torch.cat([v[:1], v[1:].mean(0, keepdim=True)])
                 mean[k] += v / len(tasks)
-        for k, p in self.model.named_parameters():
-            p.grad = (theta[k] - mean[k]).to(p.dtype)
-        self._clip_outer()
-        self.optimizer.step()
-        self.scheduler.step()
-        return {"loss": sum(losses) / len(losses), "miou": _nanmean(mious)}
+        for k, p in self.model.named_parameters():  # scaled like a backward pass, so _outer_update treats it as one
+            p.grad = self.scaler.scale((theta[k] - mean[k]).to(p.dtype))
+        return self._outer_update(losses, mious)
 
 
 class Transfer(Algorithm):
@@ -317,6 +331,7 @@ class Transfer(Algorithm):
     task's foreground another's background."""
 
     name = "transfer"
+    updates_buffers = True
 
     def step(self, tasks: list[Any]) -> dict[str, float]:
         x = torch.cat([t for task in tasks for t in (task.support_x, task.query_x)])
@@ -328,12 +343,9 @@ class Transfer(Algorithm):
             out = self.model(x)
             loss = self.loss_fn(out, y)
         self.scaler.scale(loss).backward()
-        self._clip_outer()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
         self.model.eval()
-        return {"loss": float(loss.detach()), "miou": foreground_miou(out["out"].detach(), y, 1)}
+        n = len(tasks)  # one loss over the pooled images: each task weighs the same across processes
+        return self._outer_update([float(loss.detach())] * n, [foreground_miou(out["out"].detach(), y, 1)] * n)
 
 
 _CLASSES: dict[str, type[Algorithm]] = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL,
