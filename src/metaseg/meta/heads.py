@@ -2,6 +2,8 @@
 
 * ``expand_head``: ``[bg, fg] -> [bg, fg, ..., fg]`` (n copies of fg) with ``torch.cat`` of views, so gradients
   reach the 2-row meta-parameters; the copies diverge after the first inner step.
+* ``HeadOnly`` / ``DecoderOnly``: the final 1x1 convs over cached decoder features (ANIL), the whole decoder over
+  cached body features (l2o), so an inner loop that leaves the body alone computes its features once per task.
 * Prototypes: masked average pooling of support features per class (0 = background), cosine logits x scale.
   ``bake_prototypes`` writes them into the classifier's 1x1 conv: weight = scale * p_hat / mean support feature
   norm, bias 0. At the feature resolution this multiplies every logit of a pixel by the same positive factor
@@ -38,10 +40,21 @@ def _sub(d: Params, prefix: str, drop: str | None = None) -> Params:
     return {k: v for k, v in out.items() if drop is None or not k.startswith(drop)}
 
 
+def body_features(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> dict[str, Tensor]:
+    """Eval-mode features of the body, what DeepLab's decoder reads: {"out": [B,D,h,w], "aux": ... (if any)}."""
+    with model_mode(model, bn_train=False):
+        return dict(functional_call(model.backbone, (_sub(params, "backbone"), _sub(buffers, "backbone")), (x,)))
+
+
+def body_channels(model: nn.Module) -> int:
+    """D, the channels of the body's "out" features: the input channels of the decoder's first conv."""
+    return next(p for n, p in model.named_parameters() if n.startswith("classifier.") and p.dim() == 4).shape[1]
+
+
 def deeplab_features(model: nn.Module, params: Params, buffers: Params, x: Tensor) -> dict[str, Tensor]:
     """Eval-mode features entering the final 1x1 convs: {"out": [B,256,h,w], "aux": [B,10,h',w'] (if any)}."""
+    f = body_features(model, params, buffers, x)
     with model_mode(model, bn_train=False):
-        f = functional_call(model.backbone, (_sub(params, "backbone"), _sub(buffers, "backbone")), (x,))
         feats = {"out": functional_call(nn.Sequential(*list(model.classifier)[:4]), (_sub(params, "classifier", "4."),
                                                                 _sub(buffers, "classifier")), (f["out"],))}
         if getattr(model, "aux_classifier", None) is not None:
@@ -100,6 +113,16 @@ def baked_head_params(support_feats: dict[str, Tensor], support_y: Tensor, num_c
     return out
 
 
+def _decode(main: nn.Module, aux: nn.Module | None, feats: dict[str, Tensor],
+            size: tuple[int, int]) -> dict[str, Tensor]:
+    """DeepLabV3.forward after the body: each head on its features, upsampled bilinearly to the input size."""
+    up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    out = {"out": up(main(feats["out"]))}
+    if aux is not None and "aux" in feats:
+        out["aux"] = up(aux(feats["aux"]))
+    return out
+
+
 class HeadOnly(nn.Module):
     """The final 1x1 convs of a DeepLab as a module over cached features (ANIL's inner loop runs on this)."""
 
@@ -111,8 +134,19 @@ class HeadOnly(nn.Module):
         self.size = size
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        up = lambda t: F.interpolate(t, size=self.size, mode="bilinear", align_corners=False)  # noqa: E731
-        out = {"out": up(self.classifier["4"](feats["out"]))}
-        if self.aux_classifier is not None and "aux" in feats:
-            out["aux"] = up(self.aux_classifier["4"](feats["aux"]))
-        return out
+        aux = self.aux_classifier["4"] if self.aux_classifier is not None else None
+        return _decode(self.classifier["4"], aux, feats, self.size)
+
+
+class DecoderOnly(nn.Module):
+    """DeepLab's decoder (``classifier`` and ``aux_classifier``, upsampled as DeepLabV3.forward does) as a module
+    over body features: l2o's inner loop runs on it, the body's features computed once per task. Its parameter and
+    buffer names are the full model's (``classifier.*``), so BatchNorm follows ``support_stat_layer`` as there."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.classifier, self.aux_classifier = model.classifier, getattr(model, "aux_classifier", None)
+        self.size = size
+
+    def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        return _decode(self.classifier, self.aux_classifier, feats, self.size)

@@ -26,6 +26,7 @@ from metaseg.models.deeplab import BODY_PREFIX
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Any, Tensor], Tensor]
+UpdateRule = Callable[[str, Tensor, Tensor], Tensor]  # learned update (l2o): (name, gradient, param) -> update
 
 
 BN_STATS = ("support", "pretrained")  # model.bn_stats: which BatchNorm layers take the support set's statistics
@@ -166,14 +167,16 @@ def seg_loss(outputs: Any, y: Tensor, *, aux_weight: float = 0.0, dice_weight: f
 def inner_loop(model: nn.Module, params: Params, buffers: Params, x: Tensor | None, y: Tensor | None, *,
                steps: int, lr: float | dict[str, Tensor], adapt_names: set[str] | None, create_graph: bool,
                loss_fn: LossFn, on_step: Callable[[int, Params], None] | None = None,
-               optimizer: str = "sgd", batches: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+               optimizer: str | UpdateRule = "sgd", batches: Callable[[int], tuple[Tensor, Tensor]] | None = None,
                losses: list[float] | None = None, clip: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
                eps: float = 1e-8, bn_stats: str | None = None) -> Params:
     """``steps`` gradient steps of ``loss_fn(forward(model, params, buffers, x), y)`` on the names in
     ``adapt_names`` (None = every param). Returns the adapted params dict (other entries passed through).
 
     ``lr``: a float, or a per-parameter dict of tensors broadcastable to each param (Meta-SGD).
-    ``optimizer``: "sgd" or "adam" (a functional Adam update on the dict, same loop). ``batches(step)``
+    ``optimizer``: "sgd" or "adam" (a functional Adam update on the dict, same loop), or a learned ``UpdateRule``
+    (l2o: ``metaseg.meta.l2o.TaskRule``, called per adapted tensor after the clip, keeping its own state; ``lr``
+    unused; without ``create_graph`` it sees detached params, so its update is a constant). ``batches(step)``
     overrides ``(x, y)`` per step (mini-batches / augmentation). ``on_step(step, params)`` runs at step 0 and
     after every update; ``losses`` (if given) receives the support loss before each update. ``clip``: the
     gradient of each step is rescaled to a global L2 norm of at most ``clip`` (over the adapted params) before
@@ -181,7 +184,7 @@ def inner_loop(model: nn.Module, params: Params, buffers: Params, x: Tensor | No
     with BatchNorm): the support forwards use ``support_forward`` (statistics follow the params); None = eval-mode
     forwards with ``buffers`` (a module without BN, e.g. the head over cached features).
     """
-    if optimizer not in ("sgd", "adam"):
+    if isinstance(optimizer, str) and optimizer not in ("sgd", "adam"):
         raise ValueError(f"unknown inner optimizer '{optimizer}' (expected sgd or adam)")
     fast = dict(params)
     names = [n for n in fast if adapt_names is None or n in adapt_names]
@@ -208,6 +211,9 @@ def inner_loop(model: nn.Module, params: Params, buffers: Params, x: Tensor | No
             grads = [None if g is None else g * factor.to(g.dtype) for g in grads]
         for n, g in zip(names, grads):
             if g is None:
+                continue
+            if callable(optimizer):
+                fast[n] = fast[n] + optimizer(n, g, fast[n] if create_graph else fast[n].detach())
                 continue
             if optimizer == "adam":
                 m, v = state.get(n, (torch.zeros_like(g), torch.zeros_like(g)))
