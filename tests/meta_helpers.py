@@ -40,6 +40,32 @@ class TinyNet(nn.Module):
         return {"out": self.classifier(self.body(x))}
 
 
+class TinyDeepLab(nn.Module):
+    """DeepLab's layout in miniature: ``backbone`` (conv-BN-tanh, stride 2) -> {"out"}, ``classifier`` (3x3
+    conv-BN-tanh, the 2-row 1x1 head at index 4), upsampled to the input; names as DeepLab's (backbone.*,
+    classifier.*), so the body/decoder split, the head expansion and ``DecoderOnly`` apply."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.backbone = _TinyBody(width)
+        self.classifier = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.Identity(),
+                                        nn.Tanh(), nn.Conv2d(width, 2, 1))
+        self.aux_classifier = None
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = self.classifier(self.backbone(x)["out"])
+        return {"out": nn.functional.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+class _TinyBody(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.Tanh())
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"out": self.layers(x)}
+
+
 def make_fixture(root, *, size: int = SIZE, n: int = 8, domains: tuple[str, ...] = ("a", "b", "c", "d")):
     """A tiny prepared dataset (random arrays, one square class per image) + splits (val 'c', test 'd')."""
     from pathlib import Path

@@ -53,6 +53,10 @@ def test_config_objects_are_frozen() -> None:
         ("train", {"inner_params": "body"}, "train.inner_params"),
         ("train", {"nproc": 2, "nnodes": 2, "meta_batch": 3}, "4 processes but meta_batch = 3 tasks"),
         ("train", {"nproc": 0}, "train.nproc"),
+        ("train", {"algorithms": ["l2o", "lstm"]}, "train.algorithms"),
+        ("train", {"l2o": {"hidden": 0}}, "train.l2o.hidden"),
+        ("train", {"l2o": {"contrastive_weight": -1}}, "train.l2o.contrastive_weight"),
+        ("train", {"l2o": {"hiden": 4}}, "unknown key 'train.l2o.hiden' (allowed in 'train.l2o': hidden, unroll,"),
         ("evaluate", {"inits": ["scratch", "imagnet"]}, "evaluate.inits"),
     ],
 )
@@ -118,6 +122,11 @@ def test_a_missing_key_is_named(tmp_path: Path) -> None:
     p.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=r"^'train.outer_lr': missing from .*params.yaml"):
         load_config(p, "base")  # any stage: the whole file is checked
+    params["train"]["outer_lr"] = 1e-4
+    del params["train"]["l2o"]["unroll"]  # a key of a nested block is named with its block
+    p.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"^'train.l2o.unroll': missing from .*params.yaml"):
+        load_config(p, "base")
     params["train"]["outer_lrr"] = 0.1  # a misspelt key reads as unknown, not as its right name missing
     p.write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=r"unknown key 'train.outer_lrr'"):

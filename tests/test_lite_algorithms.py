@@ -38,6 +38,7 @@ def _tasks() -> list[SimpleNamespace]:
     ("transfer", None, "support"),
     ("fomaml", "imagenet", "pretrained"),
     ("transfer", "imagenet", "pretrained"),
+    ("l2o", "imagenet", "pretrained"),  # the default model: its LSTM over the decoder, the body meta-trained too
 ])
 def test_lite0_algorithm_steps(name: str, weights: str | None, bn_stats: str) -> None:
     torch.manual_seed(0)

@@ -242,3 +242,30 @@ def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, caplog) -> None:
     a = torch.load(mixed / "ck" / "last.pt", weights_only=False)["algorithm"]["model"]
     b = torch.load(clean / "ck" / "last.pt", weights_only=False)["algorithm"]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_l2o_logs_its_embedding_distances_and_ships_its_optimiser(tmp_path) -> None:
+    """train@l2o: the contrastive term and the same- / cross-domain embedding distances reach DVCLive every
+    iteration a batch has such pairs, and the shipped init carries the learned optimiser adaptation runs."""
+    from metaseg.meta.finetune import adapt, load_init
+    from metaseg.models.backbones import normalization
+
+    prepared, splits = make_fixture(tmp_path)
+    model = ModelConfig(backbone="efficientnet_lite0", body_stage=4, backbone_weights=None, bn_stats="support")
+    cfg = TrainConfig(**{**CFG.model_dump(), "iterations": 2, "meta_batch": 3, "val_every": 2,
+                         "l2o": {"hidden": 2, "unroll": 1}})
+    d = tmp_path / "l2o"
+    train("l2o", prepared=prepared, splits=splits, out=d / "init.pt", checkpoints=d / "ck", results=d / "results",
+          base=BASE, model_cfg=model, cfg=cfg, adapt_cfg=ADAPT)
+    plots = d / "results" / "plots" / "metrics"
+    for name in ("contrastive", "embed_dist_same"):  # support and query of one task: a same-domain pair always
+        rows = (plots / f"{name}.tsv").read_text().strip().splitlines()
+        steps, values = zip(*(r.split("\t") for r in rows[1:]))
+        assert steps == ("1", "2") and all(float(v) >= 0 for v in values)
+    init = load_init(d / "init.pt")
+    assert init.algorithm == "l2o" and init.learned_optimizer is not None
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    y = torch.zeros(1, SIZE, SIZE, dtype=torch.int64)
+    y[:, :20, :20] = 1
+    assert init.norm == tuple(map(list, normalization("efficientnet_lite0")))
+    assert adapt(init, x, y, 1, steps=2).predict_logits(x).shape == (1, 2, SIZE, SIZE)

@@ -128,15 +128,24 @@ class SplitsConfig(_Section):
         return self
 
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer")
+Algorithm = Literal["maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer", "l2o"]
+ALGORITHMS = get_args(Algorithm)  # the one list of algorithm names (train@<name> stages)
+
+
+class L2OConfig(_Section):
+    """`train.l2o`: the learned inner-loop optimiser (``metaseg.meta.l2o``), read by the l2o algorithm only."""
+
+    hidden: int = Field(4, ge=1, le=64)  # LSTM hidden units per coordinate (weights shared by every coordinate)
+    unroll: int = Field(2, ge=1)  # inner steps unrolled and backpropagated at meta-training (adaptation: adapt.steps)
+    embedding: int = Field(8, ge=1)  # task-embedding size
+    contrastive_weight: float = Field(0.1, ge=0)  # weight of the contrastive term on the task embeddings (0 = off)
+    learned_lr: float = Field(1e-3, gt=0)  # outer lr of the LSTM and embedding weights (the network: train.outer_lr)
 
 
 class TrainConfig(_Section):
     """Stage `train`: meta-training (one dvc stage per algorithm) and the transfer baseline."""
 
-    algorithms: list[Literal["maml", "fomaml", "reptile", "metasgd", "anil", "protonet", "transfer"]] = Field(
-        default_factory=lambda: ["fomaml", "anil", "protonet", "transfer"]
-    )
+    algorithms: list[Algorithm] = Field(default_factory=lambda: ["fomaml", "anil", "protonet", "transfer"])
     iterations: int = Field(80, ge=1)  # outer steps (4 default algorithms x 80 at 128 px: ~6 min on 2 busy CPU cores)
     meta_batch: int = Field(2, ge=1)  # tasks per outer step
     ways: int = Field(1, ge=1)  # classes per training task
@@ -144,7 +153,7 @@ class TrainConfig(_Section):
     queries: int = Field(2, ge=1)  # query images per training task
     inner_steps: int = Field(1, ge=0)  # inner-loop gradient steps (also the meta-validation adaptation budget)
     inner_params: Literal["all", "decoder", "head"] = "all"  # what the inner loop and adaptation update (MAML family,
-    # transfer and the untrained baselines; anil and protonet always adapt the head alone)
+    # transfer and the untrained baselines; anil and protonet always adapt the head alone, l2o the decoder)
     inner_lr: float = Field(0.01, gt=0)  # inner-loop SGD learning rate (Meta-SGD: initial value of its rates)
     inner_clip: float | None = Field(10.0, gt=0)  # max global grad norm per inner step (kept for adaptation); null = off
     outer_clip: float | None = Field(10.0, gt=0)  # max global norm of the outer (meta-)gradient; null = off
@@ -166,6 +175,7 @@ class TrainConfig(_Section):
     nnodes: int = Field(1, ge=1)  # machines; > 1: start one torchrun per machine (README, "Several GPUs or machines")
     timeout_s: float = Field(1800, gt=0)  # several processes: how long one waits for the others (a collective, or
     # rank 0's meta-validation) before the run stops with an error; must exceed one meta-validation
+    l2o: L2OConfig = Field(default_factory=L2OConfig)  # the l2o algorithm's own block
 
     @model_validator(mode="after")
     def _a_task_per_process(self) -> TrainConfig:
@@ -256,12 +266,24 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
+def _block(cls: type[_Section], key: str) -> type[_Section] | None:
+    """The config class of a nested block (``train.l2o``), or None for a plain key."""
+    field = cls.model_fields.get(key)
+    ann = field.annotation if field is not None else None
+    return ann if isinstance(ann, type) and issubclass(ann, _Section) else None
+
+
 def _format_error(section: str, err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in (section, *e["loc"]))
     if e["type"] == "extra_forbidden":
-        allowed = ", ".join(SECTIONS[section].model_fields)
-        return f"unknown key '{loc}' (allowed in '{section}': {allowed})"
+        owner, where = SECTIONS[section], [section]
+        for part in e["loc"][:-1]:  # an unknown key inside a nested block lists that block's keys
+            if (nested := _block(owner, str(part))) is None:
+                break
+            owner, where = nested, [*where, str(part)]
+        allowed = ", ".join(owner.model_fields)
+        return f"unknown key '{loc}' (allowed in '{'.'.join(where)}': {allowed})"
     msg = e["msg"].removeprefix("Value error, ")
     return f"'{loc}': {msg} (got {e.get('input')!r})" if "input" in e and e["type"] != "value_error" else f"'{loc}': {msg}"
 
@@ -296,6 +318,17 @@ def read_params(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _missing(cls: type[_Section], raw: dict[str, Any], prefix: str) -> list[str]:
+    """Dotted names of the keys of ``cls`` (and of its nested blocks) that ``raw`` leaves out."""
+    out = []
+    for key in cls.model_fields:
+        if key not in raw:
+            out.append(f"{prefix}.{key}")
+        elif (nested := _block(cls, key)) is not None and isinstance(raw[key], dict):
+            out += _missing(nested, raw[key], f"{prefix}.{key}")
+    return out
+
+
 def load_config(path: str | Path, *sections: str) -> dict[str, Any]:
     """Validate the whole file (so a typo anywhere is caught) and return the requested sections by name.
 
@@ -309,9 +342,9 @@ def load_config(path: str | Path, *sections: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: missing section{'s' if len(absent) > 1 else ''} {', '.join(absent)} (every section "
                           f"and key is spelled out; copy them from the repository's params.yaml)")
     for name in SECTIONS:
-        missing = [key for key in SECTIONS[name].model_fields if key not in (raw[name] or {})]
+        missing = _missing(SECTIONS[name], raw[name] or {}, name)
         if missing:
-            keys = ", ".join(f"'{name}.{key}'" for key in missing)
+            keys = ", ".join(f"'{key}'" for key in missing)
             raise ConfigError(f"{keys}: missing from {path} (every key is spelled out, none falls back to a code "
                               f"default; see the repository's params.yaml)")
     return {name: parsed[name] for name in sections}

@@ -3,7 +3,8 @@
 Outputs: ``<out>`` (``models/train/<alg>.pt``: ``finetune.init_to_dict`` of the best-by-meta-val weights plus
 ``config``, ``iteration``, ``val_miou``), ``<checkpoints>/last.pt`` (resume state, every ``checkpoint_every``
 iterations) and ``<checkpoints>/best.pt``, and DVCLive logs in ``<results>``: ``metrics.json`` (flat summary)
-and ``plots/metrics/*.tsv`` (loss, query_miou, lr every iteration; val_miou every ``val_every``). Timings stay out
+and ``plots/metrics/*.tsv`` (loss, query_miou, lr every iteration, and an algorithm's own figures: l2o's
+contrastive, embed_dist_same, embed_dist_cross; val_miou every ``val_every``). Timings stay out
 of the DVCLive summary, which DVC reads as metrics: a completed run writes ``<results>/timings.json``
 (``train_time_s``, ``s_per_step``) and ``plots/metrics/step_time_s.tsv`` itself.
 A resumed run (same config) reproduces the uninterrupted run's weights exactly on CPU, and its curves: the checkpoint
@@ -167,7 +168,7 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
                           iterations=cfg.iterations, aux_weight=cfg.aux_weight,
                           dice_weight=cfg.dice_weight, class_balance=cfg.class_balance, inner_clip=cfg.inner_clip,
                           outer_clip=cfg.outer_clip, bn_stats=model_cfg.bn_stats, inner_params=cfg.inner_params,
-                          amp_dtype=amp)
+                          amp_dtype=amp, l2o=cfg.l2o.model_dump())
     export_kw = {"backbone": model_cfg.backbone, "image_size": base.image_size,
                  "output_stride": model_cfg.output_stride, "body_stage": model_cfg.body_stage}
     norm = normalization(model_cfg.backbone)
@@ -258,6 +259,9 @@ def train(algorithm: str, *, prepared: str | Path, splits: str | Path, out: str 
             live.step = done
             for k, v in (("loss", m["loss"]), ("query_miou", m["miou"]), ("lr", lr)):
                 log_metric(k, v)
+            for k, v in m.items():  # an algorithm's own figures (l2o: contrastive term, embedding distances)
+                if k not in ("loss", "miou") and math.isfinite(v):
+                    log_metric(k, v)
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 val = validate(done)
             bar.set_postfix(loss=f"{m['loss']:.3f}", miou=f"{m['miou']:.3f}", val=f"{val:.3f}")

@@ -149,6 +149,7 @@ class EpisodeBatch:
     query_x: torch.Tensor
     query_y: torch.Tensor
     class_ids: tuple[int, ...] = ()  # the domain's class ids; label i + 1 = class_ids[i]
+    domain: str = ""  # the episode's domain (l2o's contrastive term pairs tasks by it)
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> EpisodeBatch:
         return replace(self, **{k: getattr(self, k).to(device, non_blocking=non_blocking)
@@ -196,4 +197,4 @@ def episode_batch(domain: Domain, episode: Episode, *, norm: Norm, augment: Augm
     x = normalise(images, norm)
     y = torch.from_numpy(np.take(label_lut(episode.class_ids), masks))
     s = len(episode.support)
-    return EpisodeBatch(x[:s], y[:s], x[s:], y[s:], tuple(episode.class_ids))
+    return EpisodeBatch(x[:s], y[:s], x[s:], y[s:], tuple(episode.class_ids), episode.domain)

@@ -10,6 +10,8 @@ metasgd   learned per-element inner rates (second order)  anil     inner loop on
 reptile   outer step = interpolation towards the support-adapted   body features), second order
           weights: theta += eps * (mean adapted - theta)  protonet cosine prototypes x learned scale, no inner loop
 transfer  plain supervised training (train-mode BN) on the tasks' pooled images, labels binarised (fg = any class)
+l2o       learned update rule: an LSTM per decoder coordinate, conditioned on a task embedding, writes the inner
+          steps (body fixed inside); second order through the unrolled steps, plus a contrastive embedding term
 
 Several processes (torchrun, ``metaseg.distributed``): each process's ``step`` gets its share of the meta-batch,
 and every ``step`` ends in ``Algorithm._outer_update``, the one place where the meta-gradient is averaged over
@@ -32,8 +34,10 @@ from metaseg.scoring import iou_of_labels
 from metaseg.meta.finetune import TrainedInit
 from metaseg.meta.inner import IGNORE, Params, forward, inner_loop, seg_loss, support_stat_layer, task_buffers
 from metaseg.models.backbones import normalization
-from metaseg.models.deeplab import HEAD_NAMES, inner_param_names
-from metaseg.meta.heads import HeadOnly, deeplab_features, expand_head, expand_rows, proto_head
+from metaseg.models.deeplab import BODY_PREFIX, HEAD_NAMES, inner_param_names
+from metaseg.meta.heads import (DecoderOnly, HeadOnly, body_channels, body_features, deeplab_features, expand_head,
+                                expand_rows, proto_head)
+from metaseg.meta.l2o import LearnedOptimizer, contrastive, task_features
 
 
 def train_mode(model: nn.Module, bn_stats: str) -> None:
@@ -90,6 +94,15 @@ class Algorithm:
     def extra_parameters(self) -> dict[str, Tensor]:
         return {}
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The outer optimiser's parameter groups (one, at ``lr``, unless an algorithm gives its own weights theirs)."""
+        return [{"params": list(self.meta_parameters()), "lr": lr}]
+
+    def batch_loss(self) -> tuple[Tensor | None, dict[str, float]]:
+        """A term over the whole meta-batch, added after the tasks' losses (l2o: its contrastive term), with
+        figures to log; None = none."""
+        return None, {}
+
     def task_loss(self, task: Any) -> tuple[Tensor, float]:
         raise NotImplementedError
 
@@ -103,7 +116,7 @@ class Algorithm:
         yield from self.extra_parameters().values()
 
     def _make_optimizer(self, kind: str, lr: float, wd: float) -> torch.optim.Optimizer:
-        params = list(self.meta_parameters())
+        params = self.param_groups(lr)
         if kind == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
         if kind == "adamw":
@@ -155,7 +168,10 @@ class Algorithm:
             self.scaler.scale(loss / len(tasks)).backward()
             losses.append(float(loss.detach()))
             mious.append(miou)
-        return self._outer_update(losses, mious)
+        extra, logs = self.batch_loss()
+        if extra is not None:  # a term over this process's share of the meta-batch (l2o's contrastive term)
+            self.scaler.scale(extra).backward()
+        return {**self._outer_update(losses, mious), **logs}
 
     def _outer_update(self, losses: list[float], mious: list[float]) -> dict[str, float]:
         """The end of every ``step``: the meta-gradient averaged over processes, clipped, the outer step taken.
@@ -254,6 +270,72 @@ class ANIL(MAML):
         return forward(head, fast, {}, deeplab_features(self.model, params, tb, task.query_x)), fast
 
 
+class L2O(MAML):
+    """A learned update rule (``metaseg.meta.l2o``): a coordinate-wise LSTM, conditioned on the task's embedding,
+    writes every inner-loop update of the decoder and head. The body stays fixed inside the inner loop (its
+    features computed once per task, the inner loop on ``DecoderOnly``): the adaptation rule moves the pretrained
+    body 10x slower than the decoder for a reason (a few support images wash its features out), and a fixed body
+    spares the unrolled second-order steps a body forward and backward each. Meta-training unrolls ``unroll``
+    inner steps and backpropagates the query loss through all of them (second order) into the initialisation
+    (body included), the LSTM and the embedding; adaptation runs the same rule for ``adapt.steps``. A contrastive
+    term over the meta-batch's embeddings (support and query view of each task) is added at ``contrastive_weight``.
+    """
+
+    name, create_graph = "l2o", True
+
+    def __init__(self, model: nn.Module, *, hidden: int = 4, unroll: int = 2, embedding: int = 8,
+                 contrastive_weight: float = 0.1, learned_lr: float = 1e-3, **settings: Any) -> None:
+        self.hidden, self.unroll, self.embedding = hidden, unroll, embedding
+        self.contrastive_weight, self.learned_lr = contrastive_weight, learned_lr
+        self._views: list[tuple[str, Tensor, Tensor]] = []  # (domain, support, query task features) per task
+        super().__init__(model, **settings)
+
+    def _setup(self) -> None:
+        self.adapt_names = inner_param_names(self.model, "decoder")
+        p = next(self.model.parameters())
+        self.learned = LearnedOptimizer(body_channels(self.model), hidden=self.hidden,
+                                        embedding=self.embedding).to(p.device, p.dtype)
+
+    def extra_parameters(self) -> dict[str, Tensor]:
+        return {f"l2o.{k}": v for k, v in self.learned.named_parameters()}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.model.parameters()), "lr": lr},
+                {"params": list(self.learned.parameters()), "lr": self.learned_lr}]
+
+    def adapted_query(self, task: Any) -> tuple[Any, Params]:
+        ways, params = _ways(task), self.params()
+        tb = task_buffers(self.model, params, self.buffers(), task.support_x, bn_stats=self.bn_stats)
+        fs, fq = (body_features(self.model, params, tb, x) for x in (task.support_x, task.query_x))
+        decoder = DecoderOnly(self.model, tuple(task.support_x.shape[-2:]))
+        db = {k: v for k, v in tb.items() if not k.startswith(BODY_PREFIX)}
+        view = task_features(fs["out"].detach(), task.support_y)  # the embedding reads the body, never trains it
+        self._views.append((getattr(task, "domain", ""), view, task_features(fq["out"].detach(), task.query_y)))
+        rule = self.learned.rule(self.learned.embed(view), self.inner_lr)
+        fast = inner_loop(decoder, expand_head({k: params[k] for k in self.adapt_names}, ways), db, fs,
+                          task.support_y, steps=self.unroll, lr=self.inner_lr, optimizer=rule, adapt_names=None,
+                          create_graph=True, loss_fn=self.loss_fn, clip=self.inner_clip, bn_stats=self.bn_stats)
+        tq = task_buffers(decoder, fast, db, fs, bn_stats=self.bn_stats)  # the support's statistics, adapted params
+        return forward(decoder, fast, tq, fq), fast
+
+    def step(self, tasks: list[Any]) -> dict[str, float]:
+        self._views = []
+        return super().step(tasks)
+
+    def batch_loss(self) -> tuple[Tensor | None, dict[str, float]]:
+        views, self._views = self._views, []
+        if self.contrastive_weight == 0 or not views:
+            return None, {}
+        pooled = torch.stack([v for _, support, query in views for v in (support, query)])
+        loss, logs = contrastive(self.learned.embed(pooled), [d for d, _, _ in views for _ in range(2)])
+        return self.contrastive_weight * loss, logs
+
+    def export_init(self, **kw: Any) -> TrainedInit:
+        init = super().export_init(**kw)
+        init.learned_optimizer = {k: v.detach().cpu().clone() for k, v in self.learned.state_dict().items()}
+        return init
+
+
 class ProtoNet(Algorithm):
     name = "protonet"
 
@@ -349,13 +431,14 @@ class Transfer(Algorithm):
 
 
 _CLASSES: dict[str, type[Algorithm]] = {"maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL,
-                                        "protonet": ProtoNet, "reptile": Reptile, "transfer": Transfer}
+                                        "protonet": ProtoNet, "reptile": Reptile, "transfer": Transfer, "l2o": L2O}
 
 
-def make_algorithm(name: str, model: nn.Module, **settings: Any) -> Algorithm:
+def make_algorithm(name: str, model: nn.Module, *, l2o: dict[str, Any] | None = None, **settings: Any) -> Algorithm:
     """``settings``: inner_steps, inner_lr, outer_lr, outer_optimizer, weight_decay, schedule, iterations,
     aux_weight, dice_weight, class_balance, inner_clip, outer_clip, amp_dtype
-    (see ``Algorithm.__init__``)."""
+    (see ``Algorithm.__init__``). ``l2o``: the `train.l2o` block (hidden, unroll, embedding, contrastive_weight,
+    learned_lr), read by l2o only."""
     if name not in _CLASSES:
         raise ValueError(f"unknown algorithm '{name}' (expected one of {', '.join(ALGORITHMS)})")
-    return _CLASSES[name](model, **settings)
+    return _CLASSES[name](model, **((l2o or {}) if name == "l2o" else {}), **settings)

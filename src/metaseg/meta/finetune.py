@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from metaseg.cli import InputError
 from metaseg.io import load_torch
-from metaseg.meta.inner import Params, forward, inner_loop, seg_loss, task_buffers
+from metaseg.meta.inner import Params, UpdateRule, forward, inner_loop, seg_loss, task_buffers
+from metaseg.meta.l2o import support_rule
 from metaseg.models.backbones import normalization
 from metaseg.models.deeplab import BODY_PREFIX, HEAD_NAMES, build_model, inner_param_names
 from metaseg.meta.heads import HeadOnly, baked_head_params, deeplab_features, expand_head, expand_rows
@@ -39,6 +40,7 @@ class TrainedInit:
     buffers: dict[str, Tensor]
     inner_lr: float
     inner_lrs: dict[str, Tensor] | None = None  # Meta-SGD: learned per-parameter rates (2-row head shapes)
+    learned_optimizer: dict[str, Tensor] | None = None  # l2o: the LSTM optimiser's and task embedding's weights
     adapt_names: list[str] | None = None  # ANIL: the head only; None = every parameter
     head: Literal["replicated", "prototype"] = "replicated"
     proto_scale: float | None = None  # protonet's learned cosine scale
@@ -76,7 +78,8 @@ def load_init(path: str | Path, device: torch.device | str = "cpu") -> TrainedIn
         raise InputError(f"{path}: not a metaseg trained init (expected a dict with 'algorithm' and 'params')")
     return TrainedInit(algorithm=obj["algorithm"], backbone=obj["backbone"], image_size=int(obj["image_size"]),
                        params=obj["params"], buffers=obj["buffers"], inner_lr=float(obj["inner_lr"]),
-                       inner_lrs=obj.get("inner_lrs"), adapt_names=obj.get("adapt_names"),
+                       inner_lrs=obj.get("inner_lrs"), learned_optimizer=obj.get("learned_optimizer"),
+                       adapt_names=obj.get("adapt_names"),
                        head=obj.get("head", "replicated"), proto_scale=obj.get("proto_scale"),
                        output_stride=int(obj.get("output_stride", 16)), body_stage=obj.get("body_stage"),
                        bn_stats=obj.get("bn_stats", "support"),
@@ -88,7 +91,8 @@ def init_to_dict(init: TrainedInit) -> dict[str, Any]:
     cpu = lambda d: None if d is None else {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
     return {"algorithm": init.algorithm, "backbone": init.backbone, "image_size": init.image_size,
             "params": cpu(init.params), "buffers": cpu(init.buffers), "inner_lr": float(init.inner_lr),
-            "inner_lrs": cpu(init.inner_lrs), "adapt_names": init.adapt_names, "head": init.head,
+            "inner_lrs": cpu(init.inner_lrs), "learned_optimizer": cpu(init.learned_optimizer),
+            "adapt_names": init.adapt_names, "head": init.head,
             "proto_scale": init.proto_scale, "output_stride": init.output_stride, "body_stage": init.body_stage,
             "bn_stats": init.bn_stats,
             "extras": init.extras}
@@ -176,7 +180,7 @@ def _rates(init: TrainedInit, lr: float | None, body_lr: float | None, params: P
 
 
 def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: int, *, steps: int,
-          lr: float | None = None, body_lr: float | None = None, optimizer: str = "sgd",
+          lr: float | None = None, body_lr: float | None = None, optimizer: str | UpdateRule = "sgd",
           augment: Augment | None = None,
           batch_size: int | None = None, on_step: Callable[[int, AdaptedModel], None] | None = None,
           on_step_at: Collection[int] | None = None, generator: torch.Generator | None = None) -> AdaptedModel:
@@ -184,7 +188,9 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
 
     lr None = the init's inner lr (Meta-SGD: its learned rates, scaled by lr / inner_lr when lr is given);
     ``body_lr`` (None = lr) is the backbone's rate (Meta-SGD: its body rates scaled by body_lr / inner_lr).
-    ANIL adapts only the head; protonet bakes prototypes into the head first. ``augment(x, y)`` acts on
+    ANIL adapts only the head; protonet bakes prototypes into the head first; l2o adapts the decoder with its
+    learned optimiser (``metaseg.meta.l2o``: its own update, so lr, body_lr and optimizer do not apply to it, the
+    step budget does), conditioned on this support set's embedding. ``augment(x, y)`` acts on
     normalised tensors; ``batch_size`` draws that many support images per step (``generator`` seeds both).
     ``on_step(step, model)`` runs at step 0 (before any update) and after each step (only at the steps in
     ``on_step_at`` when given: building the model costs a forward over the support set).
@@ -218,6 +224,8 @@ def adapt(init: TrainedInit, support_x: Tensor, support_y: Tensor, num_classes: 
                 xb, yb = xb[idx], yb[idx]
             return augment(xb, yb) if augment is not None else (xb, yb)
 
+    if init.learned_optimizer is not None:  # l2o: its LSTM writes every update (lr, body_lr, optimizer unused)
+        optimizer = support_rule(init.learned_optimizer, module, params, buffers, support_x, support_y, init.inner_lr)
     names = set(init.adapt_names) if init.adapt_names is not None else None
     head_only = names is not None and names <= set(HEAD_NAMES) and batches is None
     cache = BodyFeatureCache(module, params, buffers) if head_only and on_step is not None else None
