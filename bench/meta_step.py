@@ -1,10 +1,12 @@
-"""Meta-step cost on the same batches: fwd+bwd, FOMAML and MAML steps, and MAML with the `higher` library.
+"""Meta-step cost on the same batches: fwd+bwd, FOMAML, MAML and l2o steps, and MAML with the `higher` library.
 
 python bench/meta_step.py [--size 128] [--shots 2] [--queries 2] [--steps 2] [--reps 5] [--device auto]
+    [--backbone mobilenet_v3_large] [--body-stage N] [--hidden 4]
 
 Prints a markdown table. Every measurement runs in its own subprocess (same seed, same batch), so the peak RSS
 column is that measurement's own. Goals: FOMAML step / ((k+1) x fwd+bwd) <= 1.10; MAML / higher-MAML <= 0.8.
-`higher` is optional (`pip install higher`); without it that row reads "n/a (pip install higher)".
+`higher` is optional (`pip install higher`); without it that row reads "n/a (pip install higher)". The l2o row
+(k = its unroll, LSTM with ``--hidden`` units over the decoder) is read as a ratio to the MAML step (k steps).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def _setup(a: argparse.Namespace):
 
     device = torch.device(choose_device(a.device))
     torch.manual_seed(0)
-    model = build_model(a.backbone).to(device)
+    model = build_model(a.backbone, body_stage=a.body_stage).to(device)
     g = torch.Generator().manual_seed(1)
     n = a.shots + a.queries
     x = torch.randn(n, 3, a.size, a.size, generator=g)
@@ -68,8 +70,9 @@ def phase(a: argparse.Namespace) -> dict:
     elif a.phase == "taskbn":  # the design's per-task BN statistics: one no-grad forward of the support set
         params, buffers = split_state(model)
         fn = lambda: task_buffers(model, params, buffers, task.support_x)  # noqa: E731
-    elif a.phase in ("fomaml", "maml"):
-        algo = make_algorithm(a.phase, model, inner_steps=a.steps, inner_lr=1e-3, outer_lr=1e-6, aux_weight=0.0)
+    elif a.phase in ("fomaml", "maml", "l2o"):
+        algo = make_algorithm(a.phase, model, inner_steps=a.steps, inner_lr=1e-3, outer_lr=1e-6, aux_weight=0.0,
+                              l2o={"unroll": a.steps, "hidden": a.hidden, "learned_lr": 1e-6})
         fn = lambda: algo.step([task])  # noqa: E731
     else:  # higher: the textbook MAML step (monkey-patched module, differentiable SGD)
         try:
@@ -101,6 +104,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="inner steps k")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--backbone", default="mobilenet_v3_large")
+    p.add_argument("--body-stage", type=int, default=None, help="EfficientNet-Lite: where the body ends")
+    p.add_argument("--hidden", type=int, default=4, help="l2o: LSTM hidden units per coordinate")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
@@ -113,16 +118,18 @@ def main() -> None:
         print(json.dumps(phase(a)))
         return
     res = {}
-    for ph in ("fwdbwd", "taskbn", "fomaml", "maml", "higher"):
-        cmd = [sys.executable, __file__, "--phase", ph] + [f"--{k}={v}" for k, v in vars(a).items() if k != "phase"]
+    for ph in ("fwdbwd", "taskbn", "fomaml", "maml", "l2o", "higher"):
+        cmd = [sys.executable, __file__, "--phase", ph] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                                                           if k != "phase" and v is not None]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         res[ph] = json.loads(out)
     k1fb = (a.steps + 1) * res["fwdbwd"]["time"]
     fmt = lambda v, u="": "n/a" if v is None else f"{v:.3f}{u}"  # noqa: E731
     mem = lambda r: "n/a" if r.get("rss_mb") is None else f"{r['rss_mb']:.0f}" + (f" (GPU {r['gpu_mb']:.0f})" if r.get("gpu_mb") else "")  # noqa: E731
     higher_t = res["higher"]["time"]
-    print(f"device {res['fwdbwd']['device']}, {a.backbone}, {a.size} px, support {a.shots}, query {a.queries}, "
-          f"k = {a.steps}, median of {a.reps}\n")
+    stage = "" if a.body_stage is None else f" (body to features[{a.body_stage}])"
+    print(f"device {res['fwdbwd']['device']}, {a.backbone}{stage}, {a.size} px, support {a.shots}, "
+          f"query {a.queries}, k = {a.steps}, median of {a.reps}\n")
     print("| measurement | time (s) | ratio | goal | peak RSS MB |")
     print("|---|---|---|---|---|")
     print(f"| fwd+bwd (support batch) | {fmt(res['fwdbwd']['time'])} | | | {mem(res['fwdbwd'])} |")
@@ -133,6 +140,9 @@ def main() -> None:
     ratio = "n/a (pip install higher)" if higher_t is None else f"{res['maml']['time'] / higher_t:.2f} x higher"
     print(f"| MAML step | {fmt(res['maml']['time'])} | {ratio} | <= 0.8 | {mem(res['maml'])} |")
     print(f"| MAML step with higher | {'n/a (pip install higher)' if higher_t is None else fmt(higher_t)} | | | {mem(res['higher'])} |")
+    l2o = res["l2o"]["time"]
+    print(f"| l2o step (LSTM, {a.hidden} hidden, decoder) | {fmt(l2o)} | {l2o / res['maml']['time']:.2f} x MAML "
+          f"step | | {mem(res['l2o'])} |")
 
 
 if __name__ == "__main__":
