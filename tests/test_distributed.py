@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from meta_helpers import BACKBONE, SIZE, TinyNet, make_fixture, task
+from meta_helpers import BACKBONE, SIZE, TinyDeepLab, TinyNet, make_fixture, task
 from params_helpers import write_params
 
 from metaseg import distributed
@@ -54,6 +54,7 @@ def _entry(rank: int, fn, init_file: str, out: str, args: tuple, timeout_s: floa
 
 # --- one outer step: every algorithm -----------------------------------------------------------------------------
 DEEPLAB = {"anil", "protonet"}  # they read DeepLab's body features: a tiny random one; the rest run TinyNet
+# (l2o: TinyDeepLab, DeepLab's layout in miniature: its LSTM runs over the decoder's coordinates)
 
 
 def _tasks(size: int, device: str) -> list[SimpleNamespace]:
@@ -61,14 +62,16 @@ def _tasks(size: int, device: str) -> list[SimpleNamespace]:
     for s in range(META_BATCH):
         x, y = task(2, 1, seed=s, size=size)
         x, y = x.double().to(device), y.to(device)
-        out.append(SimpleNamespace(support_x=x[:1], support_y=y[:1], query_x=x[1:], query_y=y[1:], class_ids=(1,)))
+        out.append(SimpleNamespace(support_x=x[:1], support_y=y[:1], query_x=x[1:], query_y=y[1:], class_ids=(1,),
+                                   domain=f"d{s % 2}"))  # l2o's contrastive term pairs tasks across processes
     return out
 
 
 def _two_steps(name: str, rank: int, world: int, device: str = "cpu") -> dict:
     """Two outer steps (Adam state and the clip act on the second) on this process's share of the meta-batch."""
     torch.manual_seed(0)
-    net = (build_model(BACKBONE, backbone_weights=None) if name in DEEPLAB else TinyNet()).double().to(device)
+    net = (build_model(BACKBONE, backbone_weights=None) if name in DEEPLAB
+           else TinyDeepLab() if name == "l2o" else TinyNet()).double().to(device)
     start = {k: v.detach().cpu().clone() for k, v in net.named_parameters()}
     algo = make_algorithm(name, net, inner_steps=1, inner_lr=0.1, outer_lr=0.01, outer_clip=0.05, aux_weight=0.0)
     tasks = _tasks(32 if name in DEEPLAB else 12, device)

@@ -324,9 +324,16 @@ class L2O(MAML):
 
     def batch_loss(self) -> tuple[Tensor | None, dict[str, float]]:
         views, self._views = self._views, []
-        if self.contrastive_weight == 0 or not views:
+        if self.contrastive_weight == 0:
             return None, {}
-        pooled = torch.stack([v for _, support, query in views for v in (support, query)])
+        if distributed.active():  # every process: the term over the whole meta-batch (in its order), the same on all,
+            # so averaging the processes' gradients (weighted by their task counts) leaves it as one process has it
+            shares = distributed.gather_objects([(d, s.cpu(), q.cpu()) for d, s, q in views])
+            views = [shares[i % len(shares)][i // len(shares)] for i in range(sum(map(len, shares)))]
+        if not views:
+            return None, {}
+        device = next(self.learned.parameters()).device
+        pooled = torch.stack([v.to(device) for _, support, query in views for v in (support, query)])
         loss, logs = contrastive(self.learned.embed(pooled), [d for d, _, _ in views for _ in range(2)])
         return self.contrastive_weight * loss, logs
 
