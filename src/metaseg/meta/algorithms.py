@@ -100,7 +100,8 @@ class Algorithm:
 
     def batch_loss(self) -> tuple[Tensor | None, dict[str, float]]:
         """A term over the whole meta-batch, added after the tasks' losses (l2o: its contrastive term), with
-        figures to log; None = none."""
+        figures to log; None = none. Under several processes it must be the same on every process (the whole
+        meta-batch's), so that averaging the processes' gradients leaves it as one process computes it."""
         return None, {}
 
     def task_loss(self, task: Any) -> tuple[Tensor, float]:
@@ -169,7 +170,7 @@ class Algorithm:
             losses.append(float(loss.detach()))
             mious.append(miou)
         extra, logs = self.batch_loss()
-        if extra is not None:  # a term over this process's share of the meta-batch (l2o's contrastive term)
+        if extra is not None:  # a term over the whole meta-batch (l2o's contrastive term)
             self.scaler.scale(extra).backward()
         return {**self._outer_update(losses, mious), **logs}
 
