@@ -122,9 +122,8 @@ def synthetic_workspace(ws: Path, **sections: dict) -> Path:
 
 
 def train(ws: Path, **train_cfg: object) -> list[str]:
-    p = synthetic_workspace(ws)
+    synthetic_workspace(ws)
     bad = params(ws, "bad.yaml", train=train_cfg)
-    del p
     return stage("train", "--params", str(bad), "--algorithm", "fomaml", "--prepared", str(ws / "prepared"),
                  "--splits", str(ws / "splits"), "--out", str(ws / "init.pt"), "--checkpoints", str(ws / "ck"),
                  "--results", str(ws / "rt"))
@@ -139,9 +138,8 @@ def adapt(ws: Path, init: Callable[[Path], None]) -> list[str]:
 
 
 def splits(ws: Path, **split_cfg: object) -> list[str]:
-    p = synthetic_workspace(ws)
+    synthetic_workspace(ws)
     bad = params(ws, "bad.yaml", splits=split_cfg)
-    del p
     return stage("splits", "--params", str(bad), "--prepared", str(ws / "prepared"), "--out", str(ws / "s2"),
                  "--results", str(ws / "rs2"))
 
@@ -215,8 +213,7 @@ def cases(onnx: Path | None) -> list[Case]:
         ("prepare", "labels.yaml without `classes`", "error",
          lambda ws: prepare(ws, folder(ws, labels="ignore: []\n"))),
         ("prepare", "labels.yaml class value 300 (16-bit masks)", "ok",
-         lambda ws: prepare(ws, folder(ws, labels="classes: {300: thing}\nignore: [65535]\n",
-                                       mask=lambda p: None) and _relabel(ws, 300))),
+         lambda ws: prepare(ws, _relabel(folder(ws, labels="classes: {300: thing}\nignore: [65535]\n"), 300))),
         ("prepare", "an image that is not an image", "error",
          lambda ws: prepare(ws, folder(ws, image=lambda p: p.write_bytes(b"not a png")))),
         ("prepare", "a truncated image", "error", lambda ws: prepare(ws, folder(ws, image=truncated))),
@@ -260,7 +257,7 @@ def cases(onnx: Path | None) -> list[Case]:
         ("adapt", "the init file is missing", "error", lambda ws: adapt(ws, lambda p: None)),
         ("adapt", "the init file is not a checkpoint", "error", lambda ws: adapt(ws, lambda p: p.write_bytes(b"x"))),
         ("train", "a corrupt `last.pt` in the checkpoint folder", "error",
-         lambda ws: (ws / "ck").mkdir() or (ws / "ck" / "last.pt").write_bytes(b"x") and train(ws)),
+         lambda ws: _corrupt_checkpoint(ws) or train(ws)),
         ("infer.py", "the model file is missing", "error",
          lambda ws: [sys.executable, str(ROOT / "export" / "infer.py"), str(ws / "none.onnx"), str(ws), "--out",
                      str(ws / "m")]),
@@ -279,12 +276,18 @@ def cases(onnx: Path | None) -> list[Case]:
     ]
 
 
-def _relabel(ws: Path, value: int) -> Path:
-    """Rewrite the masks of ``folder`` as 16-bit with class ``value`` (labels.yaml allows 0..65535)."""
-    for m in (ws / "root" / "dom" / "masks").glob("*.png"):
+def _relabel(root: Path, value: int) -> Path:
+    """Rewrite the masks of a ``folder`` root as 16-bit with class ``value`` (labels.yaml allows 0..65535)."""
+    for m in (root / "dom" / "masks").glob("*.png"):
         a = np.asarray(Image.open(m)).astype(np.uint16) * value
         Image.fromarray(a).save(m)
-    return ws / "root"
+    return root
+
+
+def _corrupt_checkpoint(ws: Path) -> None:
+    """A `last.pt` that is not a checkpoint where the train stage looks for one (``train`` uses ``ws / "ck"``)."""
+    (ws / "ck").mkdir()
+    (ws / "ck" / "last.pt").write_bytes(b"x")
 
 
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "NO_ALBUMENTATIONS_UPDATE": "1"}

@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 
+
 if __name__ == "__main__":
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--algorithm", required=True, choices=ALGORITHMS)

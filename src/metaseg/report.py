@@ -99,6 +99,11 @@ def _pooled(result: EvalResult, domains: list[str], init: str, k: int) -> np.nda
     return np.concatenate([np.asarray(result.final(d, init, k).per_episode) for d in domains])
 
 
+def _mean_miou(result: EvalResult, domains: list[str], init: str, k: int) -> float:
+    """The mean row's mIoU: each domain's accumulated mIoU, averaged over the domains (as ``metrics_dict``)."""
+    return float(np.mean([result.final(d, init, k).miou for d in domains]))
+
+
 def _pooled_ci(result: EvalResult, domains: list[str], init: str, k: int, ci_kw: dict[str, object]) -> Interval:
     """The mean row's CI: per-episode mIoU of all domains pooled (episodes with nothing to score left out)."""
     vals = _pooled(result, domains, init, k)
@@ -202,14 +207,12 @@ def budget_markdown(budget: Budget, fixed: EvalResult, *, domains: list[str], sh
             if (init, k) not in budget.steps:
                 continue
             iv = _pooled_ci(budget.result, domains, init, k, kw)
-            at = float(np.mean([budget.result.final(d, init, k).miou for d in domains]))
-            full = float(np.mean([fixed.final(d, init, k).miou for d in domains]))
+            at, full = _mean_miou(budget.result, domains, init, k), _mean_miou(fixed, domains, init, k)
             lines.append(f"| {init} | {k} | {budget.steps[(init, k)]} | {budget.val_miou[(init, k)]:.1f} | "
                          f"{100 * at:.1f} ({_fmt(iv)}) | {100 * full:.1f} |")
     meta_val = {a: budget.val_miou[(a, k_claim)] for a in meta_algs if (a, k_claim) in budget.steps}
     claim, metrics = claim_check(budget.result, domains=domains, shots=shots, meta_algs=meta_algs,
-                                 meta_val=meta_val, **{"ci": ci, "bootstrap_samples": bootstrap_samples,
-                                                       "seed": seed})
+                                 meta_val=meta_val, ci=ci, bootstrap_samples=bootstrap_samples, seed=seed)
     lines += ["", claim.replace("by meta-val score", f"by meta-val score at its {k_claim}-shot budget"), ""]
     return "\n".join(lines), {f"budget.{key}": v for key, v in metrics.items()}
 
@@ -224,7 +227,7 @@ def _table(result: EvalResult, domains: list[str], shots: list[int], inits: list
             ivs: dict[str, Interval] = {}
             for i in inits:
                 if d == "mean":
-                    miou[i] = float(np.mean([result.final(x, i, k).miou for x in domains]))
+                    miou[i] = _mean_miou(result, domains, i, k)
                     ivs[i] = _pooled_ci(result, domains, i, k, ci_kw)
                 else:
                     s = result.final(d, i, k)
